@@ -1,0 +1,17 @@
+//! `ssm-wire`: the AWS Session Manager data-channel protocol without I/O.
+//!
+//! - [`frame`]: the binary `ClientMessage` codec (PROTOCOL.md §3).
+//! - [`payload`]: the JSON bodies and small binary payloads carried in frames.
+//! - [`smux`]: the smux v1 frame codec and a sans-I/O multiplexer session (§9).
+//! - [`channel`]: the reliable, paced, flow-controlled data channel state machine.
+//!
+//! Nothing here reads a clock, sleeps, spawns or touches a socket: callers feed bytes and
+//! time in, and take frames, timers and events out. That keeps every protocol rule
+//! testable under a simulated network and clock, and fuzzable.
+
+#![forbid(unsafe_code)]
+
+pub mod frame;
+pub mod payload;
+
+pub use frame::{ClientMessage, DecodeError, MessageType, PayloadType, ValidationError};

@@ -1,0 +1,79 @@
+//! `session-manager-plugin`: argv → [`invocation::Invocation`] → run → exit status.
+
+mod invocation;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use invocation::{Invocation, InvocationError, RESPONSE_ENV_PREFIX};
+
+/// Exit statuses (documented in the README).
+pub mod exit {
+    /// Success, or the remote command exited 0.
+    pub const OK: u8 = 0;
+    /// The session failed: connection, handshake, local listener, channel errors.
+    pub const SESSION_FAILED: u8 = 1;
+    /// Malformed invocation: bad argv JSON, missing fields, unknown operation.
+    pub const USAGE: u8 = 2;
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    // The env-var form: read the response, then remove it from our environment at once, so
+    // no child process or crash report can see the token. This runs before any thread exists.
+    let parsed = invocation::parse(&args, |name| {
+        let value = std::env::var(name).ok();
+        if name.starts_with(RESPONSE_ENV_PREFIX) {
+            std::env::remove_var(name);
+        }
+        value
+    });
+    let mut out = std::io::stdout().lock();
+    let code = match parsed {
+        Ok(Invocation::InstallCheck) => {
+            let _ = out.write_all(
+                b"\nThe Session Manager plugin was installed successfully. Use the AWS CLI to start a session.\n\n",
+            );
+            exit::OK
+        }
+        Ok(Invocation::Version) => {
+            let _ = writeln!(out, "{}", invocation::version());
+            exit::OK
+        }
+        Ok(Invocation::UnknownOperation(op)) => {
+            let _ = write!(
+                out,
+                "\nUnknown operation {op}. \nUse session-manager-plugin --version to check the version.\n\n"
+            );
+            exit::USAGE
+        }
+        Ok(Invocation::InvalidOperation(op)) => {
+            let _ = out.write_all(b"Invalid Operation");
+            let _ = out.flush();
+            eprintln!("\nsession-manager-plugin: operation {op:?} is not supported; the AWS CLI passes StartSession");
+            exit::USAGE
+        }
+        Err(e) => {
+            report_start_error(&e);
+            exit::USAGE
+        }
+        Ok(Invocation::StartSession(args)) => {
+            drop(out);
+            return ExitCode::from(session_main(*args));
+        }
+    };
+    let _ = out.flush();
+    ExitCode::from(code)
+}
+
+fn report_start_error(e: &InvocationError) {
+    eprintln!("Cannot perform start session: {e}");
+}
+
+fn session_main(args: invocation::StartSessionArgs) -> u8 {
+    eprintln!(
+        "Cannot perform start session: sessions are not available in this build (session {})",
+        args.response.session_id
+    );
+    exit::SESSION_FAILED
+}
