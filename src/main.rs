@@ -1,6 +1,7 @@
 //! `session-manager-plugin`: argv → [`invocation::Invocation`] → run → exit status.
 
 mod invocation;
+mod logging;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -18,6 +19,7 @@ pub mod exit {
 }
 
 fn main() -> ExitCode {
+    let _log = logging::init();
     let args: Vec<String> = std::env::args().collect();
     // The env-var form: read the response, then remove it from our environment at once, so
     // no child process or crash report can see the token. This runs before any thread exists.

@@ -11,7 +11,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod channel;
+pub mod crypto;
 pub mod frame;
 pub mod payload;
+pub mod session;
+pub mod smux;
 
 pub use frame::{ClientMessage, DecodeError, MessageType, PayloadType, ValidationError};

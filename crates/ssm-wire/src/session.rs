@@ -1,0 +1,507 @@
+//! The client's view of a session: the handshake (PROTOCOL.md §6), KMS encryption (§7)
+//! and payload routing on top of a [`Channel`].
+//!
+//! [`ClientSession`] answers the agent's HandshakeRequest, asks its driver for a KMS data
+//! key when encryption is requested ([`SessionEvent::DataKeyRequired`], answered with
+//! [`ClientSession::provide_data_key`]), runs the challenge round trip, and reports
+//! [`SessionEvent::Ready`] once the agent completes the handshake — or when the first
+//! Output arrives without one (a shell without KMS). Afterwards it turns received payloads
+//! into typed events (decrypting them) and user data into stream messages (encrypting).
+//! Nothing but handshake messages is sent before `Ready`: the agent would drop it.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use base64::Engine;
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::channel::{Channel, ChannelEvent, ReceiveError, SendError};
+use crate::crypto::{DataKey, SessionCipher, NONCE_LEN, TAG_LEN};
+use crate::frame::PayloadType;
+use crate::payload::{
+    parse_exit_code, ChannelClosed, EncryptionChallenge, Flag, HandshakeComplete, HandshakeRequest,
+    HandshakeResponse, KmsEncryptionRequest, KmsEncryptionResponse, ProcessedClientAction,
+    SessionTypeRequest, SizeData, ACTION_FAILED, ACTION_KMS_ENCRYPTION, ACTION_SESSION_TYPE,
+    ACTION_SUCCESS, ACTION_UNSUPPORTED,
+};
+
+/// How the client runs the session (PROTOCOL.md §6.3 rule 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionKind {
+    /// `Standard_Stream`, `InteractiveCommands`, `NonInteractiveCommands`.
+    Stream,
+    /// `Port`.
+    Port,
+}
+
+/// What the handshake established.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SessionInfo {
+    /// The document's session type as the agent named it.
+    pub session_type: String,
+    pub kind: SessionKind,
+    /// Document properties (Port sessions); `Value::Null` otherwise.
+    pub properties: Value,
+    /// Empty when there was no handshake.
+    pub agent_version: String,
+    pub encrypted: bool,
+}
+
+impl SessionInfo {
+    /// A string property (`portNumber`, `type`, `localPortNumber`, ...).
+    pub fn property(&self, key: &str) -> Option<&str> {
+        self.properties.get(key).and_then(Value::as_str)
+    }
+}
+
+/// Events for the driver, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum SessionEvent {
+    /// Encryption requested: call KMS GenerateDataKey (64 bytes, the session's context)
+    /// and pass the result to [`ClientSession::provide_data_key`].
+    DataKeyRequired {
+        key_id: String,
+        challenge: Option<String>,
+    },
+    /// The session can start; print `customer_message` when present.
+    Ready {
+        info: SessionInfo,
+        customer_message: Option<String>,
+    },
+    Output(Bytes),
+    StdErr(Bytes),
+    ExitCode(i32),
+    Flag(Flag),
+    Closed(ChannelClosed),
+    Paused,
+    Resumed,
+    RetransmitTimeout,
+    /// The session cannot go on (handshake failure, undecryptable data).
+    Failed(String),
+}
+
+/// A data key from KMS: the 64 plaintext bytes and the ciphertext blob for the agent.
+pub struct GeneratedDataKey {
+    pub plaintext: Vec<u8>,
+    pub ciphertext_blob: Vec<u8>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    /// No handshake message yet.
+    Start,
+    /// Waiting for the driver's data key.
+    AwaitingKey,
+    /// Response sent; waiting for challenge / complete.
+    Negotiating,
+    Ready,
+    Failed,
+}
+
+/// Refusal text for the 4-argument CLI form (PROTOCOL.md §7.6).
+pub const LEGACY_CLI_KMS_ERROR: &str = "Installed version of CLI does not support Session Manager encryption feature. Please upgrade to the latest version of your CLI (e.g., AWS CLI).";
+
+/// The client end of a session. See the module docs.
+pub struct ClientSession {
+    channel: Channel,
+    client_version: String,
+    legacy_cli: bool,
+    state: State,
+    info: Option<SessionInfo>,
+    /// Response entries so far, while a data key is outstanding.
+    pending: Vec<ProcessedClientAction>,
+    pending_after_kms: Vec<ProcessedClientAction>,
+    cipher: Option<SessionCipher>,
+    events: VecDeque<SessionEvent>,
+}
+
+fn action(kind: &str, status: i32, result: Value, error: String) -> ProcessedClientAction {
+    ProcessedClientAction {
+        action_type: kind.to_owned(),
+        action_status: status,
+        action_result: result,
+        error,
+    }
+}
+
+impl ClientSession {
+    pub fn new(channel: Channel, client_version: String, legacy_cli: bool) -> ClientSession {
+        ClientSession {
+            channel,
+            client_version,
+            legacy_cli,
+            state: State::Start,
+            info: None,
+            pending: Vec::new(),
+            pending_after_kms: Vec::new(),
+            cipher: None,
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    pub fn channel_mut(&mut self) -> &mut Channel {
+        &mut self.channel
+    }
+
+    pub fn info(&self) -> Option<&SessionInfo> {
+        self.info.as_ref()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.state == State::Ready
+    }
+
+    pub fn poll_event(&mut self) -> Option<SessionEvent> {
+        self.events.pop_front()
+    }
+
+    /// Feeds one WebSocket message and processes what it released.
+    pub fn handle_frame(&mut self, now: Instant, frame: Bytes) -> Result<(), ReceiveError> {
+        let r = self.channel.handle_frame(now, frame);
+        self.process(now);
+        r
+    }
+
+    /// Fires timers and processes what they released.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.channel.handle_timeout(now);
+        self.process(now);
+    }
+
+    fn fail(&mut self, why: String) {
+        self.state = State::Failed;
+        self.events.push_back(SessionEvent::Failed(why));
+    }
+
+    /// Drains channel events into session events.
+    fn process(&mut self, now: Instant) {
+        while let Some(ev) = self.channel.poll_event() {
+            match ev {
+                ChannelEvent::Data {
+                    payload_type,
+                    payload,
+                } => self.on_data(now, payload_type, payload),
+                ChannelEvent::Closed(c) => self.events.push_back(SessionEvent::Closed(c)),
+                ChannelEvent::Paused => self.events.push_back(SessionEvent::Paused),
+                ChannelEvent::Resumed => self.events.push_back(SessionEvent::Resumed),
+                ChannelEvent::RetransmitTimeout { .. } => {
+                    self.events.push_back(SessionEvent::RetransmitTimeout)
+                }
+            }
+        }
+    }
+
+    fn on_data(&mut self, now: Instant, payload_type: PayloadType, payload: Bytes) {
+        if self.state == State::Failed {
+            return;
+        }
+        match payload_type {
+            PayloadType::HandshakeRequest => self.on_handshake_request(now, &payload),
+            PayloadType::EncChallengeRequest => self.on_challenge(now, &payload),
+            PayloadType::HandshakeComplete => self.on_complete(&payload),
+            PayloadType::Output | PayloadType::StdErr | PayloadType::ExitCode => {
+                if self.state == State::Start {
+                    // No handshake: a shell without KMS starts streaming at once (§6.6).
+                    let info = SessionInfo {
+                        session_type: "Standard_Stream".to_owned(),
+                        kind: SessionKind::Stream,
+                        properties: Value::Null,
+                        agent_version: String::new(),
+                        encrypted: false,
+                    };
+                    self.info = Some(info.clone());
+                    self.state = State::Ready;
+                    self.events.push_back(SessionEvent::Ready {
+                        info,
+                        customer_message: None,
+                    });
+                }
+                let plain = match &self.cipher {
+                    Some(c) => match c.open(&payload) {
+                        Ok(p) => Bytes::from(p),
+                        Err(e) => {
+                            self.fail(format!("cannot decrypt data from the agent: {e}"));
+                            return;
+                        }
+                    },
+                    None => payload,
+                };
+                let ev = match payload_type {
+                    PayloadType::Output => SessionEvent::Output(plain),
+                    PayloadType::StdErr => SessionEvent::StdErr(plain),
+                    _ => match parse_exit_code(&plain) {
+                        Some(code) => SessionEvent::ExitCode(code),
+                        None => SessionEvent::StdErr(plain),
+                    },
+                };
+                self.events.push_back(ev);
+            }
+            PayloadType::Flag => {
+                if let Some(f) = Flag::decode(&payload) {
+                    self.events.push_back(SessionEvent::Flag(f));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_handshake_request(&mut self, now: Instant, payload: &[u8]) {
+        let req: HandshakeRequest = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => return self.fail(format!("unreadable handshake request: {e}")),
+        };
+        let mut processed = Vec::new();
+        let mut kms: Option<KmsEncryptionRequest> = None;
+        let mut after_kms = false;
+        for a in &req.requested_client_actions {
+            let entry = match a.action_type.as_str() {
+                ACTION_SESSION_TYPE => {
+                    match serde_json::from_value::<SessionTypeRequest>(a.action_parameters.clone())
+                    {
+                        Ok(st) => {
+                            let kind = match st.session_type.as_str() {
+                                "Standard_Stream"
+                                | "InteractiveCommands"
+                                | "NonInteractiveCommands" => Some(SessionKind::Stream),
+                                "Port" => Some(SessionKind::Port),
+                                _ => None,
+                            };
+                            match kind {
+                                Some(kind) => {
+                                    self.info = Some(SessionInfo {
+                                        session_type: st.session_type,
+                                        kind,
+                                        properties: st.properties,
+                                        agent_version: req.agent_version.clone(),
+                                        encrypted: false,
+                                    });
+                                    action(ACTION_SESSION_TYPE, ACTION_SUCCESS, Value::Null, String::new())
+                                }
+                                None => action(
+                                    ACTION_SESSION_TYPE,
+                                    ACTION_FAILED,
+                                    Value::Null,
+                                    format!(
+                                        "Failed to process action SessionType: Unknown session type {}",
+                                        st.session_type
+                                    ),
+                                ),
+                            }
+                        }
+                        Err(e) => action(
+                            ACTION_SESSION_TYPE,
+                            ACTION_FAILED,
+                            Value::Null,
+                            format!("Failed to process action SessionType: {e}"),
+                        ),
+                    }
+                }
+                ACTION_KMS_ENCRYPTION => {
+                    let parsed =
+                        serde_json::from_value::<KmsEncryptionRequest>(a.action_parameters.clone());
+                    match parsed {
+                        Ok(_) if self.legacy_cli => action(
+                            ACTION_KMS_ENCRYPTION,
+                            ACTION_FAILED,
+                            Value::Null,
+                            format!(
+                                "Failed to process action KMSEncryption: {LEGACY_CLI_KMS_ERROR}"
+                            ),
+                        ),
+                        Ok(k) if kms.is_none() => {
+                            kms = Some(k);
+                            after_kms = true;
+                            continue;
+                        }
+                        Ok(_) => action(
+                            ACTION_KMS_ENCRYPTION,
+                            ACTION_FAILED,
+                            Value::Null,
+                            "Failed to process action KMSEncryption: requested twice".to_owned(),
+                        ),
+                        Err(e) => action(
+                            ACTION_KMS_ENCRYPTION,
+                            ACTION_FAILED,
+                            Value::Null,
+                            format!("Failed to process action KMSEncryption: {e}"),
+                        ),
+                    }
+                }
+                other => action(
+                    other,
+                    ACTION_UNSUPPORTED,
+                    Value::Null,
+                    format!("Unsupported action {other}"),
+                ),
+            };
+            if after_kms {
+                self.pending_after_kms.push(entry);
+            } else {
+                processed.push(entry);
+            }
+        }
+        if let Some(info) = &mut self.info {
+            info.agent_version = req.agent_version.clone();
+        }
+        self.pending = processed;
+        match kms {
+            Some(k) => {
+                self.state = State::AwaitingKey;
+                self.events.push_back(SessionEvent::DataKeyRequired {
+                    key_id: k.kms_key_id,
+                    challenge: k.challenge,
+                });
+            }
+            None => self.send_response(now),
+        }
+    }
+
+    /// The driver's answer to [`SessionEvent::DataKeyRequired`].
+    pub fn provide_data_key(&mut self, now: Instant, key: Result<GeneratedDataKey, String>) {
+        if self.state != State::AwaitingKey {
+            return;
+        }
+        let entry = match key.and_then(|k| {
+            DataKey::from_slice(&k.plaintext)
+                .map(|dk| (dk, k.ciphertext_blob))
+                .map_err(|e| e.to_string())
+        }) {
+            Ok((dk, blob)) => {
+                self.cipher = Some(SessionCipher::client(&dk));
+                if let Some(info) = &mut self.info {
+                    info.encrypted = true;
+                }
+                let result = KmsEncryptionResponse {
+                    kms_cipher_text_key: base64::engine::general_purpose::STANDARD.encode(blob),
+                    kms_cipher_text_hash: None,
+                };
+                action(
+                    ACTION_KMS_ENCRYPTION,
+                    ACTION_SUCCESS,
+                    serde_json::to_value(result).unwrap_or(Value::Null),
+                    String::new(),
+                )
+            }
+            Err(e) => action(
+                ACTION_KMS_ENCRYPTION,
+                ACTION_FAILED,
+                Value::Null,
+                format!("Failed to process action KMSEncryption: {e}"),
+            ),
+        };
+        self.pending.push(entry);
+        let rest = std::mem::take(&mut self.pending_after_kms);
+        self.pending.extend(rest);
+        self.send_response(now);
+    }
+
+    fn send_response(&mut self, now: Instant) {
+        let actions = std::mem::take(&mut self.pending);
+        let errors: Vec<String> = actions
+            .iter()
+            .filter(|a| !a.error.is_empty())
+            .map(|a| a.error.clone())
+            .collect();
+        let failed = actions.iter().any(|a| a.action_status != ACTION_SUCCESS);
+        let resp = HandshakeResponse {
+            client_version: self.client_version.clone(),
+            processed_client_actions: actions,
+            errors: (!errors.is_empty()).then_some(errors.clone()),
+        };
+        let body = serde_json::to_vec(&resp).unwrap_or_default();
+        self.state = State::Negotiating;
+        if let Err(e) = self
+            .channel
+            .send(now, PayloadType::HandshakeResponse, Bytes::from(body))
+        {
+            return self.fail(format!("cannot send the handshake response: {e}"));
+        }
+        if failed {
+            // The agent cancels the session when any action failed; say why locally too.
+            self.fail(errors.join("; "));
+        }
+    }
+
+    fn on_challenge(&mut self, now: Instant, payload: &[u8]) {
+        let Some(cipher) = &self.cipher else {
+            return self.fail("encryption challenge without a data key".to_owned());
+        };
+        let req: EncryptionChallenge = match serde_json::from_slice(payload) {
+            Ok(r) => r,
+            Err(e) => return self.fail(format!("unreadable encryption challenge: {e}")),
+        };
+        let answer = match cipher.answer_challenge(&req.challenge) {
+            Ok(a) => a,
+            Err(e) => return self.fail(format!("cannot answer the encryption challenge: {e}")),
+        };
+        let body =
+            serde_json::to_vec(&EncryptionChallenge { challenge: answer }).unwrap_or_default();
+        if let Err(e) = self
+            .channel
+            .send(now, PayloadType::EncChallengeResponse, Bytes::from(body))
+        {
+            self.fail(format!("cannot send the challenge response: {e}"));
+        }
+    }
+
+    fn on_complete(&mut self, payload: &[u8]) {
+        let done: HandshakeComplete =
+            serde_json::from_slice(payload).unwrap_or(HandshakeComplete {
+                handshake_time_to_complete: 0,
+                customer_message: String::new(),
+            });
+        let Some(info) = self.info.clone() else {
+            return self.fail("unable to determine SessionType".to_owned());
+        };
+        self.state = State::Ready;
+        self.events.push_back(SessionEvent::Ready {
+            info,
+            customer_message: (!done.customer_message.is_empty()).then_some(done.customer_message),
+        });
+    }
+
+    /// Largest plaintext chunk one Output message carries.
+    pub fn max_data_chunk(&self) -> usize {
+        let max = self.channel.config().max_payload;
+        if self.cipher.is_some() {
+            max.saturating_sub(NONCE_LEN + TAG_LEN).max(1)
+        } else {
+            max
+        }
+    }
+
+    /// Sends up to one chunk of user data as Output; returns how many bytes were taken.
+    pub fn send_output(&mut self, now: Instant, data: &[u8]) -> Result<usize, SendError> {
+        if data.is_empty() {
+            return Err(SendError::Empty);
+        }
+        let n = data.len().min(self.max_data_chunk());
+        let chunk = &data[..n];
+        let payload = match &self.cipher {
+            Some(c) => Bytes::from(c.seal(chunk).map_err(|_| SendError::Empty)?),
+            None => Bytes::copy_from_slice(chunk),
+        };
+        self.channel.send(now, PayloadType::Output, payload)?;
+        Ok(n)
+    }
+
+    /// Sends the terminal size.
+    pub fn send_size(&mut self, now: Instant, size: SizeData) -> Result<i64, SendError> {
+        let body = serde_json::to_vec(&size).unwrap_or_default();
+        self.channel.send(now, PayloadType::Size, Bytes::from(body))
+    }
+
+    /// Sends a Flag message (DisconnectToPort, TerminateSession).
+    pub fn send_flag(&mut self, now: Instant, flag: Flag) -> Result<i64, SendError> {
+        self.channel.send(
+            now,
+            PayloadType::Flag,
+            Bytes::copy_from_slice(&flag.encode()),
+        )
+    }
+}
