@@ -29,7 +29,6 @@ pub enum Invocation {
 }
 
 /// Everything a session needs from argv.
-#[allow(dead_code)] // read by the session driver (next commit)
 #[derive(Debug, Clone)]
 pub struct StartSessionArgs {
     pub response: StartSessionResponse,

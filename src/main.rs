@@ -1,7 +1,13 @@
 //! `session-manager-plugin`: argv → [`invocation::Invocation`] → run → exit status.
 
+mod api;
+mod console;
 mod invocation;
 mod logging;
+mod modes;
+mod options;
+mod session;
+mod transport;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -73,9 +79,49 @@ fn report_start_error(e: &InvocationError) {
 }
 
 fn session_main(args: invocation::StartSessionArgs) -> u8 {
-    eprintln!(
-        "Cannot perform start session: sessions are not available in this build (session {})",
-        args.response.session_id
-    );
-    exit::SESSION_FAILED
+    let options = match options::Options::from_env(|k| std::env::var(k).ok()) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("Cannot perform start session: {e}");
+            return exit::USAGE;
+        }
+    };
+    let console = console::Console {
+        quiet: options.quiet,
+    };
+    let ca_bundle = std::env::var("AWS_CA_BUNDLE").ok();
+    let tls = match transport::TlsSettings::new(ca_bundle.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            console.error(&format!("Cannot perform start session: {e}"));
+            return exit::SESSION_FAILED;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            console.error(&format!("Cannot perform start session: {e}"));
+            return exit::SESSION_FAILED;
+        }
+    };
+    let params = session::SessionParams {
+        session_id: args.response.session_id.clone(),
+        token: args.response.token_value.clone(),
+        stream_url: args.response.stream_url.clone(),
+        target: args.target.clone(),
+        legacy_cli: args.legacy_cli,
+        client_version: invocation::version(),
+        options,
+        tls,
+        console,
+    };
+    let api = api::new(&args);
+    let code = runtime.block_on(session::run(params, api));
+    // Blocking reads of stdin cannot be cancelled; do not wait for them.
+    runtime.shutdown_background();
+    code
 }

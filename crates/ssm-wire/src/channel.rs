@@ -21,7 +21,7 @@
 //! stream sending until the peer is heard from again.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -66,6 +66,10 @@ pub struct ChannelConfig {
     pub window_packets: usize,
     /// Most payload bytes in flight.
     pub window_bytes: usize,
+    /// Most messages accepted but not yet written (waiting for the pacer). Keeps the
+    /// queue in front of an interactive byte short when a bulk transfer saturates the
+    /// packet budget; data waits in the local socket buffers instead.
+    pub max_queued: usize,
     /// Frames per second this end may write, acks included; `None` for no limit.
     pub packets_per_second: Option<f64>,
     /// Token-bucket depth of the pacer, in frames.
@@ -91,6 +95,7 @@ impl Default for ChannelConfig {
             max_payload: 1024,
             window_packets: 512,
             window_bytes: 512 * 1024,
+            max_queued: 16,
             packets_per_second: Some(950.0),
             pacing_burst: 16,
             reorder_capacity: 10_000,
@@ -250,7 +255,10 @@ pub struct Channel {
     next_unsent: usize,
     retransmit_queue: VecDeque<i64>,
     timers: BinaryHeap<Reverse<(Instant, i64, u32)>>,
-    ack_queue: VecDeque<Bytes>,
+    /// Acks waiting for the pacer, with the sequence numbers they acknowledge: a resend
+    /// that arrives while its ack is still queued does not queue a second one.
+    ack_queue: VecDeque<(i64, Bytes)>,
+    queued_acks: HashSet<i64>,
     rtt: RttEstimator,
     pacer: Pacer,
     paused: bool,
@@ -292,6 +300,7 @@ impl Channel {
             retransmit_queue: VecDeque::new(),
             timers: BinaryHeap::new(),
             ack_queue: VecDeque::new(),
+            queued_acks: HashSet::new(),
             rtt,
             pacer,
             paused: false,
@@ -322,6 +331,7 @@ impl Channel {
     pub fn can_send(&self) -> bool {
         self.unacked.len() < self.config.window_packets
             && self.unacked_bytes < self.config.window_bytes
+            && self.unacked.len() - self.next_unsent < self.config.max_queued.max(1)
     }
 
     /// Messages sent or queued and not yet acknowledged.
@@ -446,7 +456,8 @@ impl Channel {
         if !self.transport_up || !self.pacer.ready(now) {
             return None;
         }
-        if let Some(ack) = self.ack_queue.pop_front() {
+        if let Some((seq, ack)) = self.ack_queue.pop_front() {
+            self.queued_acks.remove(&seq);
             self.pacer.take();
             self.stats.acks_sent += 1;
             return Some(ack);
@@ -634,6 +645,9 @@ impl Channel {
     }
 
     fn queue_ack(&mut self, now: Instant, msg: &ClientMessage) {
+        if !self.queued_acks.insert(msg.sequence_number) {
+            return;
+        }
         let content = AcknowledgeContent {
             acknowledged_message_type: msg.message_type.as_str().to_owned(),
             acknowledged_message_id: msg.message_id.hyphenated().to_string(),
@@ -652,7 +666,7 @@ impl Channel {
             id,
         );
         let frame = self.encode(&ack);
-        self.ack_queue.push_back(frame);
+        self.ack_queue.push_back((msg.sequence_number, frame));
     }
 
     fn handle_stream(&mut self, now: Instant, msg: ClientMessage) -> Result<(), ReceiveError> {

@@ -156,21 +156,27 @@ impl ClientSession {
         self.state == State::Ready
     }
 
-    pub fn poll_event(&mut self) -> Option<SessionEvent> {
-        self.events.pop_front()
+    /// The next event. Channel events are pulled only as the driver asks for them, so a
+    /// driver that stops polling (its user side is slow) leaves received data in the
+    /// channel, whose receive limit then holds back the peer.
+    pub fn poll_event(&mut self, now: Instant) -> Option<SessionEvent> {
+        loop {
+            if let Some(ev) = self.events.pop_front() {
+                return Some(ev);
+            }
+            let ev = self.channel.poll_event()?;
+            self.on_channel_event(now, ev);
+        }
     }
 
-    /// Feeds one WebSocket message and processes what it released.
+    /// Feeds one WebSocket message.
     pub fn handle_frame(&mut self, now: Instant, frame: Bytes) -> Result<(), ReceiveError> {
-        let r = self.channel.handle_frame(now, frame);
-        self.process(now);
-        r
+        self.channel.handle_frame(now, frame)
     }
 
-    /// Fires timers and processes what they released.
+    /// Fires timers.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.channel.handle_timeout(now);
-        self.process(now);
     }
 
     fn fail(&mut self, why: String) {
@@ -178,20 +184,17 @@ impl ClientSession {
         self.events.push_back(SessionEvent::Failed(why));
     }
 
-    /// Drains channel events into session events.
-    fn process(&mut self, now: Instant) {
-        while let Some(ev) = self.channel.poll_event() {
-            match ev {
-                ChannelEvent::Data {
-                    payload_type,
-                    payload,
-                } => self.on_data(now, payload_type, payload),
-                ChannelEvent::Closed(c) => self.events.push_back(SessionEvent::Closed(c)),
-                ChannelEvent::Paused => self.events.push_back(SessionEvent::Paused),
-                ChannelEvent::Resumed => self.events.push_back(SessionEvent::Resumed),
-                ChannelEvent::RetransmitTimeout { .. } => {
-                    self.events.push_back(SessionEvent::RetransmitTimeout)
-                }
+    fn on_channel_event(&mut self, now: Instant, ev: ChannelEvent) {
+        match ev {
+            ChannelEvent::Data {
+                payload_type,
+                payload,
+            } => self.on_data(now, payload_type, payload),
+            ChannelEvent::Closed(c) => self.events.push_back(SessionEvent::Closed(c)),
+            ChannelEvent::Paused => self.events.push_back(SessionEvent::Paused),
+            ChannelEvent::Resumed => self.events.push_back(SessionEvent::Resumed),
+            ChannelEvent::RetransmitTimeout { .. } => {
+                self.events.push_back(SessionEvent::RetransmitTimeout)
             }
         }
     }

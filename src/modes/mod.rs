@@ -1,0 +1,129 @@
+//! Session modes: what connects the remote side to the user.
+//!
+//! The driver ([`crate::session`]) owns the protocol state machine and the WebSocket; a
+//! mode runs as its own task and talks to the driver through two bounded queues:
+//! [`Up`] (user → remote) and [`Down`] (remote → user). Bounded queues are the
+//! backpressure path in both directions: a mode blocks on `up.send` while the channel's
+//! send window is full, and the driver stops taking channel events while `down` is full.
+//!
+//! When `down` closes, the session is over: the mode writes what it still holds, restores
+//! whatever it changed (terminal modes, socket files) and returns.
+
+pub mod port;
+pub mod shell;
+pub mod stdio;
+
+use bytes::Bytes;
+use ssm_wire::payload::{Flag, SizeData};
+use ssm_wire::session::SessionInfo;
+use tokio::sync::mpsc;
+
+use crate::console::Console;
+use crate::options::Options;
+
+/// From the mode to the driver.
+#[derive(Debug)]
+pub enum Up {
+    /// User data for the remote side (any length; the driver chunks it).
+    Data(Bytes),
+    /// Terminal size.
+    #[cfg_attr(not(unix), allow(dead_code))]
+    #[allow(dead_code)] // sent by the shell mode
+    Size(SizeData),
+    Flag(Flag),
+    /// Call the TerminateSession API (the `~.` escape), then finish with status 0.
+    TerminateApi,
+    /// Stop: wait (bounded) until everything sent is acknowledged, then exit with this
+    /// status. Nothing sent after it is accepted.
+    Finish(u8),
+}
+
+/// From the driver to the mode.
+#[derive(Debug)]
+pub enum Down {
+    Output(Bytes),
+    StdErr(Bytes),
+    ExitCode(i32),
+    Flag(Flag),
+}
+
+/// Everything a mode needs.
+pub struct ModeContext {
+    pub session_id: String,
+    pub info: SessionInfo,
+    pub up: mpsc::Sender<Up>,
+    pub down: mpsc::Receiver<Down>,
+    pub console: Console,
+    pub options: Options,
+}
+
+/// How the session's user side ended, for the exit status.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ModeOutcome {
+    /// The remote command's exit code, when the agent sent one.
+    pub exit_code: Option<i32>,
+}
+
+/// Which mode a session runs in (PROTOCOL.md §8.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeKind {
+    Shell,
+    Stdio,
+    BasicPort,
+    MuxPort,
+}
+
+/// Picks the mode from the handshake.
+pub fn select(info: &SessionInfo) -> ModeKind {
+    use ssm_wire::session::SessionKind;
+    match info.kind {
+        SessionKind::Stream => ModeKind::Shell,
+        SessionKind::Port => {
+            if info.property("type") != Some("LocalPortForwarding") {
+                ModeKind::Stdio
+            } else if version_greater(&info.agent_version, "3.0.196.0") {
+                ModeKind::MuxPort
+            } else {
+                ModeKind::BasicPort
+            }
+        }
+    }
+}
+
+/// Dotted-version "strictly greater than", as the official gates compare (§8.2): the
+/// component counts must match and every component must be numeric, else `false`.
+pub fn version_greater(version: &str, than: &str) -> bool {
+    let parse = |v: &str| -> Option<Vec<u64>> { v.split('.').map(|p| p.parse().ok()).collect() };
+    match (parse(version), parse(than)) {
+        (Some(a), Some(b)) if a.len() == b.len() => a > b,
+        _ => false,
+    }
+}
+
+/// Runs the selected mode to completion.
+pub async fn run(kind: ModeKind, ctx: ModeContext) -> ModeOutcome {
+    match kind {
+        ModeKind::Shell => shell::run(ctx).await,
+        ModeKind::Stdio => stdio::run(ctx).await,
+        ModeKind::BasicPort => port::run_basic(ctx).await,
+        ModeKind::MuxPort => port::run_mux(ctx).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_gates() {
+        assert!(version_greater("3.3.987.0", "3.0.196.0"));
+        assert!(!version_greater("3.0.196.0", "3.0.196.0"));
+        assert!(!version_greater("2.3.722.0", "3.0.196.0"));
+        assert!(
+            !version_greater("3.3", "3.0.196.0"),
+            "component counts differ"
+        );
+        assert!(!version_greater("", "3.0.196.0"));
+        assert!(!version_greater("3.x.1.0", "3.0.196.0"));
+    }
+}
