@@ -7,6 +7,7 @@ mod logging;
 mod modes;
 mod options;
 mod session;
+mod terminal;
 mod transport;
 
 use std::io::Write;

@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+#[cfg(unix)]
 use std::path::PathBuf;
 
 use bytes::{Bytes, BytesMut};
