@@ -7,18 +7,24 @@
 //!   then deliver buffered successors in order; a busy plugin means *no ack* (the client
 //!   retransmits). `seq > E`: ack at once and buffer (≤ 100 000). `seq < E`: re-ack and
 //!   drop. Frames that fail to decode or validate (digest included) are dropped unacked.
+//!   HandshakeResponse / EncChallengeResponse are acked *before* the agent answers them
+//!   (the real agent's receive loop only hands them to its handshake goroutine and acks;
+//!   HandshakeComplete comes from that goroutine afterwards).
 //! - Sending: sequence numbers from 0, SYN on seq 0; every message is kept until acked;
 //!   every 100 ms the oldest unacked message is resent when its RTO expired (RFC 6298-like
 //!   estimator: RTT 100 ms, RTTVAR 0, RTO = RTT + max(10 ms, 4·RTTVAR) ≤ 1 s). A new
-//!   WebSocket gets every unacked message again at once.
+//!   WebSocket gets the unacked messages again, oldest first, paced like new output
+//!   ([`crate::config::ReconnectResend`]).
+//! - Nothing is dropped while a WebSocket is attached: frames that do not fit the link
+//!   queue wait in order in a backlog, and plugin output is not read meanwhile.
 //! - `pause_publication` stops sending, resending and reading the plugin's output;
 //!   `start_publication` or any stream message or ack from the client resumes.
 //! - Handshake for Port and NonInteractiveCommands always, for the shell types only with
 //!   KMS; until it completes, other client stream messages are acked and discarded.
 //! - Backpressure: plugin output is read only while the unacked window (messages and
-//!   bytes) has room.
+//!   bytes) has room and the WebSocket link has room.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -39,8 +45,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::config::RetransmitPolicy;
-use crate::gateway::WsOut;
+use crate::config::{ReconnectResend, RetransmitPolicy};
+use crate::gateway::{WsOut, LINK_CAPACITY};
 use crate::kms::KmsStore;
 use crate::plugins::{self, AbortOnDrop, PluginContext, PluginEvent, PluginInput};
 use crate::session::SessionShared;
@@ -53,6 +59,19 @@ const RESEND_TICK: Duration = Duration::from_millis(100);
 const PLUGIN_INPUT_CAPACITY: usize = 64;
 /// Capacity of the plugin's output queue.
 const PLUGIN_OUTPUT_CAPACITY: usize = 8;
+/// Plugin output is not read while the link has this many free slots or fewer (the rest
+/// is kept for acks and retransmissions) ...
+const LINK_LOW_WATER: usize = 256;
+/// ... and reading resumes once this many slots are free again.
+const LINK_HIGH_WATER: usize = 1024;
+/// Most unacked messages resent per loop iteration after a reconnect when unpaced.
+const RESEND_BATCH: usize = 64;
+/// How long a spawned sender may wait to hand the link the last frames of a session.
+const FINAL_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+const _: () = assert!(LINK_LOW_WATER < LINK_HIGH_WATER && LINK_HIGH_WATER < LINK_CAPACITY);
+
+type Link = mpsc::Sender<(WsOut, bool)>;
 
 /// Events from the gateway and the API to a session's agent.
 #[derive(Clone, Debug)]
@@ -104,7 +123,14 @@ struct Agent {
     session: Arc<SessionShared>,
     kms: Arc<KmsStore>,
     rng: StdRng,
-    link: Option<(u32, mpsc::Sender<(WsOut, bool)>)>,
+    link: Option<(u32, Link)>,
+    /// Frames for the current link that did not fit its queue yet, in order.
+    backlog: VecDeque<(WsOut, bool)>,
+    /// Plugin output is not read until the link has `LINK_HIGH_WATER` free slots.
+    link_blocked: bool,
+    /// After a reconnect: the next unacked sequence number to resend, and when.
+    resend_next: Option<i64>,
+    resend_at: Instant,
     frames_to_client: u64,
     malformed_kind: u32,
 
@@ -146,6 +172,10 @@ pub(crate) fn spawn(
         kms,
         rng,
         link: None,
+        backlog: VecDeque::new(),
+        link_blocked: false,
+        resend_next: None,
+        resend_at: Instant::now(),
         frames_to_client: 0,
         malformed_kind: 0,
         next_seq: 0,
@@ -186,6 +216,24 @@ async fn wait_capacity(tx: &Option<mpsc::Sender<PluginInput>>) {
         }
         None => std::future::pending().await,
     }
+}
+
+/// Waits until `link` has `n` free slots (never, without a link).
+async fn link_room(link: &Option<(u32, Link)>, n: usize) {
+    match link {
+        Some((_, l)) => {
+            // Only the agent sends on its link: dropping the permits at once is fine. A
+            // closed link waits for the Detach that follows.
+            if l.reserve_many(n.clamp(1, l.max_capacity())).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Instant) {
+    tokio::time::sleep_until(at).await
 }
 
 pub(crate) fn now_millis() -> u64 {
@@ -262,16 +310,36 @@ impl Agent {
         let mut tick = tokio::time::interval(RESEND_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !self.finished {
+            if !self.link_blocked
+                && self
+                    .link
+                    .as_ref()
+                    .is_some_and(|(_, l)| l.capacity() <= LINK_LOW_WATER)
+            {
+                self.link_blocked = true;
+            }
+            let link_ready = self.backlog.is_empty() && !self.link_blocked;
             let read_plugin = self.plugin_out.is_some()
                 && self.closing.is_none()
                 && !self.paused
-                && self.window_open();
+                && self.window_open()
+                && link_ready
+                && self.resend_next.is_none();
+            let resend =
+                self.resend_next.is_some() && self.link.is_some() && !self.paused && link_ready;
             tokio::select! {
                 ev = events.recv() => match ev {
                     Some(ev) => self.on_event(ev),
                     None => break,
                 },
                 out = recv_opt(&mut self.plugin_out), if read_plugin => self.on_plugin(out),
+                _ = link_room(&self.link, 1), if !self.backlog.is_empty() => self.flush_backlog(),
+                _ = link_room(&self.link, LINK_HIGH_WATER),
+                    if self.backlog.is_empty() && self.link_blocked =>
+                {
+                    self.link_blocked = false;
+                }
+                _ = sleep_until(self.resend_at), if resend => self.resend_step(),
                 _ = wait_capacity(&self.plugin_in), if self.drain_blocked => {
                     self.drain_blocked = false;
                     self.drain_buffer();
@@ -304,28 +372,24 @@ impl Agent {
     fn on_event(&mut self, ev: AgentEvent) {
         match ev {
             AgentEvent::Attach { conn, link } => {
+                // Frames queued for the old socket are moot: unacked ones are resent.
+                self.backlog.clear();
+                self.link_blocked = false;
                 if let Some((_, old)) = self.link.replace((conn, link)) {
-                    let _ = old.try_send((WsOut::Close, false));
+                    send_later(old, Vec::new(), (WsOut::Close, false));
                 }
                 if !self.started {
                     self.start();
-                } else if !self.paused {
-                    let frames: Vec<Bytes> =
-                        self.unacked.values().map(|o| o.frame.clone()).collect();
-                    let now = Instant::now();
-                    for o in self.unacked.values_mut() {
-                        o.last_sent = now;
-                    }
-                    let n = frames.len() as u64;
-                    for f in frames {
-                        self.transmit(f, true);
-                    }
-                    self.session.update_stats(|s| s.retransmissions += n);
+                } else if self.session.config.reconnect_resend == ReconnectResend::Paced {
+                    self.resend_next = self.unacked.keys().next().copied();
+                    self.resend_at = Instant::now();
                 }
             }
             AgentEvent::Detach { conn } => {
                 if self.link.as_ref().is_some_and(|(c, _)| *c == conn) {
                     self.link = None;
+                    self.backlog.clear();
+                    self.link_blocked = false;
                 }
             }
             AgentEvent::Frame { conn, data } => {
@@ -397,14 +461,7 @@ impl Agent {
     /// Puts one frame on the current WebSocket (through the network emulation), and a
     /// corrupted one after it when `malformed_every` says so.
     fn transmit(&mut self, frame: Bytes, impairable: bool) {
-        let Some((_, link)) = &self.link else {
-            self.session.update_stats(|s| s.agent_frames_unsent += 1);
-            return;
-        };
-        if link
-            .try_send((WsOut::Frame(frame.clone()), impairable))
-            .is_err()
-        {
+        if !self.enqueue((WsOut::Frame(frame.clone()), impairable)) {
             self.session.update_stats(|s| s.agent_frames_unsent += 1);
             return;
         }
@@ -412,13 +469,89 @@ impl Agent {
         if let Some(n) = self.session.config.malformed_every.filter(|n| *n > 0) {
             if self.frames_to_client % u64::from(n) == 0 {
                 let bad = self.corrupt(&frame);
-                if let Some((_, link)) = &self.link {
-                    if link.try_send((WsOut::Frame(bad), false)).is_ok() {
-                        self.session.update_stats(|s| s.malformed_injected += 1);
-                    }
+                if self.enqueue((WsOut::Frame(bad), false)) {
+                    self.session.update_stats(|s| s.malformed_injected += 1);
                 }
             }
         }
+    }
+
+    /// Hands one item to the current link, or queues it behind the items already waiting
+    /// for room. `false` only without a (live) link: the frame is lost like a frame sent to
+    /// a client that is not connected.
+    fn enqueue(&mut self, item: (WsOut, bool)) -> bool {
+        let Some((_, link)) = &self.link else {
+            return false;
+        };
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(item);
+            return true;
+        }
+        match link.try_send(item) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(item)) => {
+                self.backlog.push_back(item);
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Moves waiting frames onto the link while it has room.
+    fn flush_backlog(&mut self) {
+        let Some((_, link)) = &self.link else {
+            self.backlog.clear();
+            return;
+        };
+        while let Some(item) = self.backlog.pop_front() {
+            match link.try_send(item) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(item)) => {
+                    self.backlog.push_front(item);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    let n = self.backlog.len() as u64 + 1;
+                    self.session.update_stats(|s| s.agent_frames_unsent += n);
+                    self.backlog.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// After a reconnect: resends the next unacked message(s), oldest first, one per
+    /// `agent_chunk_delay` (a batch while the link has room when that is zero).
+    fn resend_step(&mut self) {
+        let delay = self.session.config.agent_chunk_delay;
+        let batch = if delay.is_zero() { RESEND_BATCH } else { 1 };
+        let now = Instant::now();
+        for _ in 0..batch {
+            let Some(from) = self.resend_next else { break };
+            let Some((&seq, o)) = self.unacked.range_mut(from..).next() else {
+                self.resend_next = None;
+                break;
+            };
+            o.last_sent = now;
+            let frame = o.frame.clone();
+            self.resend_next = Some(seq + 1);
+            self.session.update_stats(|s| s.retransmissions += 1);
+            self.transmit(frame, true);
+            let room = self
+                .link
+                .as_ref()
+                .is_some_and(|(_, l)| l.capacity() > LINK_LOW_WATER);
+            if !self.backlog.is_empty() || !room {
+                break;
+            }
+        }
+        if self
+            .resend_next
+            .is_some_and(|n| self.unacked.range(n..).next().is_none())
+        {
+            self.resend_next = None;
+        }
+        self.resend_at = now + delay;
     }
 
     fn corrupt(&mut self, frame: &Bytes) -> Bytes {
@@ -579,6 +712,16 @@ impl Agent {
         self.paused = false;
         let seq = msg.sequence_number;
         if seq == self.expected && !self.reorder.contains_key(&seq) {
+            // The real agent processes, then acks; but "processing" a handshake answer
+            // there is a hand-off to the handshake goroutine, so its ack normally goes out
+            // before the HandshakeComplete / EncChallengeRequest that goroutine then sends.
+            let ack_first = matches!(
+                msg.payload_type,
+                PayloadType::HandshakeResponse | PayloadType::EncChallengeResponse
+            ) && !self.session.config.ack_handshake_after_complete;
+            if ack_first {
+                self.send_ack(&msg);
+            }
             match self.process(&msg) {
                 Processed::Ok => {}
                 Processed::NotReady => {
@@ -589,7 +732,9 @@ impl Agent {
             }
             self.session
                 .update_stats(|s| s.stream_messages_received += 1);
-            self.send_ack(&msg);
+            if !ack_first {
+                self.send_ack(&msg);
+            }
             self.expected += 1;
             self.drain_buffer();
         } else if seq > self.expected {
@@ -954,14 +1099,41 @@ impl Agent {
                 id,
             );
             if let Ok(frame) = msg.encode() {
-                if let Some((_, link)) = &self.link {
-                    let _ = link.try_send((WsOut::Frame(Bytes::from(frame)), false));
+                if let Some((_, link)) = self.link.take() {
+                    let waiting: Vec<_> = self.backlog.drain(..).collect();
+                    send_later(link, waiting, (WsOut::Frame(Bytes::from(frame)), false));
                 }
             }
         }
         self.session.mark_closed(&output);
         self.finished = true;
     }
+}
+
+/// Puts `waiting` and then `last` on `link` without blocking the agent: at once when they
+/// fit, else from a helper task (bounded by [`FINAL_SEND_TIMEOUT`]).
+fn send_later(link: Link, waiting: Vec<(WsOut, bool)>, last: (WsOut, bool)) {
+    if waiting.is_empty() {
+        match link.try_send(last) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(last)) => send_later_task(link, Vec::new(), last),
+        }
+    } else {
+        send_later_task(link, waiting, last);
+    }
+}
+
+fn send_later_task(link: Link, waiting: Vec<(WsOut, bool)>, last: (WsOut, bool)) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(FINAL_SEND_TIMEOUT, async move {
+            for item in waiting.into_iter().chain(std::iter::once(last)) {
+                if link.send(item).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    });
 }
 
 #[cfg(test)]

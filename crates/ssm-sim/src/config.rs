@@ -52,8 +52,9 @@ pub struct SimConfig {
     pub kms_key_id: Option<String>,
     /// Command run in a pty for Standard_Stream sessions.
     pub shell: Vec<String>,
-    /// Seed of every random decision (impairments, tokens, ids). Each session derives its
-    /// own generator from this seed and its creation index.
+    /// Seed of every random decision (impairments, tokens, message ids). Each session
+    /// derives its own generator from this seed and its creation index. Session ids also
+    /// mix in a per-simulator random value, so they differ across instances and processes.
     pub seed: u64,
     /// Agent send window in messages (the real agent's buffer holds 100 000).
     pub max_unacked_messages: usize,
@@ -71,6 +72,15 @@ pub struct SimConfig {
     pub close_drain_timeout: Duration,
     /// Which unacked messages the agent retransmits on its 100 ms tick.
     pub retransmit: RetransmitPolicy,
+    /// What the agent does with its unacked messages when the client opens a new
+    /// WebSocket (reconnect after ResumeSession).
+    pub reconnect_resend: ReconnectResend,
+    /// Ack a HandshakeResponse / EncChallengeResponse only *after* sending the next
+    /// handshake message (HandshakeComplete or EncChallengeRequest). `false` (default) acks
+    /// first, which is what the real agent almost always does: its receive loop acks right
+    /// after handing the response to the handshake goroutine. `true` reproduces the other
+    /// side of that race (and this simulator's order before 1.3.1).
+    pub ack_handshake_after_complete: bool,
 }
 
 impl Default for SimConfig {
@@ -97,6 +107,8 @@ impl Default for SimConfig {
             handshake_timeout: Duration::from_secs(15),
             close_drain_timeout: Duration::from_secs(10),
             retransmit: RetransmitPolicy::HeadOnly,
+            reconnect_resend: ReconnectResend::Paced,
+            ack_handshake_after_complete: false,
         }
     }
 }
@@ -158,4 +170,19 @@ pub enum RetransmitPolicy {
     HeadOnly,
     /// Every 100 ms, resend every unacked message whose RTO has expired.
     AllExpired,
+}
+
+/// How the simulated agent treats its unacked messages when the client reconnects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReconnectResend {
+    /// Resend every unacked message once, oldest first, at the agent's normal pace: one
+    /// per `agent_chunk_delay` (when non-zero) and only as fast as the new WebSocket takes
+    /// them (backpressure, nothing is dropped). Reading new output waits until this is done.
+    #[default]
+    Paced,
+    /// Resend nothing extra: the 100 ms head-only scheduler carries on, which is all the
+    /// real agent does (it never learns that the client reconnected; its own socket to
+    /// the gateway stays up). Recovery of a large unacked backlog is then slow (about one
+    /// message per tick).
+    HeadOnly,
 }

@@ -32,9 +32,10 @@ use crate::Inner;
 
 /// How long the gateway waits for OpenDataChannelInput after the upgrade.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
-/// Queue between the agent and a connection's network emulation (frames). When full,
-/// agent frames are dropped like on an overloaded network; the agent retransmits.
-const LINK_CAPACITY: usize = 8192;
+/// Queue between the agent and a connection's network emulation (frames). The agent
+/// never drops frames when it is full: it keeps them in order and stops reading its
+/// plugin's output until there is room again (like a TCP socket's backpressure).
+pub(crate) const LINK_CAPACITY: usize = 8192;
 
 /// What the network emulation hands to a connection's writer.
 #[derive(Clone, Debug)]
@@ -127,8 +128,18 @@ where
         in_window
     };
 
-    // 1. OpenDataChannelInput.
-    let first = tokio::time::timeout(OPEN_TIMEOUT, stream.next()).await;
+    // 1. OpenDataChannelInput. Control frames may come first: the official plugin starts
+    //    its keepalive pinger (one ping at once) before it sends the token, so the ping
+    //    often wins. tungstenite answers pings by itself.
+    let first = tokio::time::timeout(OPEN_TIMEOUT, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
     let text = match first {
         Ok(Some(Ok(Message::Text(t)))) => t,
         _ => {

@@ -57,7 +57,9 @@ mod tls;
 mod version;
 
 pub use api::{cli_response_json, ApiCall};
-pub use config::{DropTrigger, DropWebSocket, RetransmitPolicy, SimConfig, DEFAULT_AGENT_VERSION};
+pub use config::{
+    DropTrigger, DropWebSocket, ReconnectResend, RetransmitPolicy, SimConfig, DEFAULT_AGENT_VERSION,
+};
 pub use kms::KmsRequest;
 pub use ssm_wire::payload::StartSessionResponse;
 pub use stats::SessionStats;
@@ -168,6 +170,9 @@ pub(crate) struct Inner {
     pub api_calls: Mutex<Vec<ApiCall>>,
     pub shutdown: watch::Receiver<bool>,
     pub rng: Mutex<StdRng>,
+    /// Mixed into every session id so that ids differ across simulator instances and
+    /// processes (drawn from OS randomness, the pid and the clock; not from the seed).
+    pub id_nonce: [u8; 9],
     pub runtime: tokio::runtime::Handle,
 }
 
@@ -215,6 +220,9 @@ impl Inner {
         let index = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut id_bytes = [0u8; 9];
         lock(&self.rng).fill_bytes(&mut id_bytes);
+        for (b, n) in id_bytes.iter_mut().zip(self.id_nonce) {
+            *b ^= n;
+        }
         let hex: String = id_bytes.iter().map(|b| format!("{b:02x}")).collect();
         let id = format!("sim-{}", &hex[..17]);
         let token = self.new_token();
@@ -338,6 +346,7 @@ impl Simulator {
             api_calls: Mutex::new(Vec::new()),
             shutdown: shutdown_rx,
             rng: Mutex::new(StdRng::seed_from_u64(config.seed ^ 0xA11C_E5ED)),
+            id_nonce: id_nonce(),
             runtime,
             config,
         });
@@ -463,6 +472,28 @@ impl Simulator {
         self.inner.kms.requests()
     }
 }
+
+/// A per-simulator value for session ids: OS-seeded randomness, mixed with the pid, the
+/// clock and an in-process counter for good measure.
+fn id_nonce() -> [u8; 9] {
+    let mut nonce = [0u8; 9];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let extra = nanos
+        ^ (u64::from(std::process::id()) << 32)
+        ^ NONCE_COUNTER
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for (b, e) in nonce.iter_mut().zip(extra.to_le_bytes()) {
+        *b ^= e;
+    }
+    nonce
+}
+
+static NONCE_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl Drop for Simulator {
     fn drop(&mut self) {

@@ -6,12 +6,17 @@
 //!               [--kms-key-id ID] [--agent-chunk-delay-ms N] [--malformed-every N]
 //!               [--drop-after-frames N] [--start-publication-quirk] [--resume-changes-cell]
 //!     Prints one JSON line {"endpoint_url": ..., "ca_pem_path": ...} and serves until
-//!     interrupted (SIGINT/SIGTERM).
+//!     interrupted (SIGINT/SIGTERM). On SIGUSR1 it prints one `STATS <session stats>` line
+//!     per session (Rust debug format) and an `END` line to stderr.
 //!
 //! ssm-sim demo --plugin PATH [--document NAME] [--command CMD] [--parameters JSON]
+//!              [--no-tls]
 //!     Starts a TLS simulator in-process, calls StartSession (by default a
 //!     NonInteractiveCommands session running a short command) and runs the plugin
-//!     exactly as the AWS CLI v1 does; exits with the plugin's exit status.
+//!     exactly as the AWS CLI v1 does; exits with the plugin's exit status. The plugin
+//!     gets the throwaway CA through AWS_CA_BUNDLE; with --no-tls the simulator serves
+//!     plain http/ws instead (for plugins that trust only the system roots, like the
+//!     official one) and AWS_CA_BUNDLE is not set.
 //! ```
 
 use std::collections::BTreeMap;
@@ -26,7 +31,8 @@ const USAGE: &str = "usage:
                 [--duplicate P] [--reorder P] [--agent-version V] [--seed N]
                 [--kms-key-id ID] [--agent-chunk-delay-ms N] [--malformed-every N]
                 [--drop-after-frames N] [--start-publication-quirk] [--resume-changes-cell]
-  ssm-sim demo --plugin PATH [--document NAME] [--command CMD] [--parameters JSON]";
+  ssm-sim demo --plugin PATH [--document NAME] [--command CMD] [--parameters JSON]
+               [--no-tls]";
 
 const DEMO_COMMAND: &str = "uname -a; echo \"hello from the simulated instance\"";
 
@@ -119,7 +125,8 @@ fn parse_serve(args: &[String]) -> Result<SimConfig, String> {
     Ok(cfg)
 }
 
-async fn wait_for_termination() {
+/// Serves until SIGINT/SIGTERM; prints every session's stats to stderr on SIGUSR1.
+async fn wait_for_termination(sim: &Simulator) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
@@ -128,9 +135,27 @@ async fn wait_for_termination() {
             return;
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    let mut usr1 = signal(SignalKind::user_defined1()).ok();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            Some(()) = async {
+                match usr1.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                for id in sim.session_ids() {
+                    if let Some(mut s) = sim.stats(&id) {
+                        s.upgrade_headers.clear();
+                        s.open_inputs.clear();
+                        eprintln!("STATS {s:?}");
+                    }
+                }
+                eprintln!("END");
+            }
+        }
     }
 }
 
@@ -142,7 +167,7 @@ async fn serve(args: &[String]) -> Result<ExitCode, String> {
         "ca_pem_path": sim.ca_pem_path().map(|p| p.display().to_string()),
     });
     println!("{line}");
-    wait_for_termination().await;
+    wait_for_termination(&sim).await;
     drop(sim);
     Ok(ExitCode::SUCCESS)
 }
@@ -170,12 +195,14 @@ async fn demo(args: &[String]) -> Result<ExitCode, String> {
     let mut document = "AWS-StartNonInteractiveCommand".to_owned();
     let mut command = None;
     let mut parameters: Option<BTreeMap<String, Vec<String>>> = None;
+    let mut tls = true;
     let mut it = Args { rest: args.iter() };
     while let Some(flag) = it.next_flag() {
         match flag {
             "--plugin" => plugin = Some(it.value::<String>(flag)?),
             "--document" => document = it.value(flag)?,
             "--command" => command = Some(it.value::<String>(flag)?),
+            "--no-tls" => tls = false,
             "--parameters" => {
                 let raw: String = it.value(flag)?;
                 parameters = Some(serde_json::from_str(&raw).map_err(|e| {
@@ -199,7 +226,7 @@ async fn demo(args: &[String]) -> Result<ExitCode, String> {
         .then(|| document.clone());
 
     let sim = Simulator::start(SimConfig {
-        tls: true,
+        tls,
         ..Default::default()
     })
     .await
@@ -226,11 +253,7 @@ async fn demo(args: &[String]) -> Result<ExitCode, String> {
         );
     }
     let params = python_json(&Value::Object(params));
-    let ca = sim
-        .ca_pem_path()
-        .ok_or("the demo simulator has no CA")?
-        .display()
-        .to_string();
+    let ca = sim.ca_pem_path().map(|p| p.display().to_string());
 
     // The AWS CLI ignores these signals while the plugin runs; SIG_IGN survives exec, so
     // the plugin starts with them ignored, exactly as under `aws ssm start-session`.
@@ -240,7 +263,13 @@ async fn demo(args: &[String]) -> Result<ExitCode, String> {
             libc::signal(sig, libc::SIG_IGN);
         }
     }
-    let status = tokio::process::Command::new(&plugin)
+    let mut cmd = tokio::process::Command::new(&plugin);
+    if let Some(ca) = &ca {
+        cmd.env("AWS_CA_BUNDLE", ca);
+    } else {
+        cmd.env_remove("AWS_CA_BUNDLE");
+    }
+    let status = cmd
         .arg("AWS_SSM_START_SESSION_RESPONSE")
         .arg("us-east-1")
         .arg("StartSession")
@@ -248,7 +277,6 @@ async fn demo(args: &[String]) -> Result<ExitCode, String> {
         .arg(&params)
         .arg(sim.endpoint_url())
         .env("AWS_SSM_START_SESSION_RESPONSE", cli_response_json(&resp))
-        .env("AWS_CA_BUNDLE", &ca)
         .env("AWS_ACCESS_KEY_ID", "test")
         .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("AWS_REGION", "us-east-1")

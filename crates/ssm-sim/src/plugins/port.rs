@@ -162,6 +162,12 @@ struct StreamHandle {
     _task: AbortOnDrop<()>,
 }
 
+/// Bytes read from a target connection at a time (Go's `io.Copy` buffer, as the agent's
+/// copy loop uses): smux then frames them (≤ 32 KiB per frame) into one byte stream.
+const TARGET_READ: usize = 32 * 1024;
+/// Queue of stream events to the mux loop (bounds what target readers buffer).
+const STREAM_EVENTS: usize = 32;
+
 async fn stream_task(
     sid: StreamId,
     host: String,
@@ -179,7 +185,7 @@ async fn stream_task(
     let (mut rd, mut wr) = stream.into_split();
     let reader_events = events.clone();
     let reader = async move {
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = vec![0u8; TARGET_READ];
         loop {
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -211,31 +217,157 @@ async fn stream_task(
     let _ = events.send(StreamEvent::Done(sid)).await;
 }
 
+/// The agent side of the smux session: the smux server, its streams, and the "pipe" its
+/// output goes through.
+///
+/// The real agent's smux server writes into a unix socket and a reader loop takes at most
+/// 1024 bytes per read from it (sleeping 1 ms after each), so Output messages are cut from
+/// one merged byte stream, not per smux frame. Here the mux's output buffer is that pipe:
+/// [`MuxAgent::pump_output`] takes every stream event already queued before it cuts, sends
+/// only full 1024-byte chunks while more is coming, and the tail once nothing is queued.
+struct MuxAgent {
+    mux: Mux,
+    streams: HashMap<StreamId, StreamHandle>,
+    host: String,
+    port: String,
+    ev_tx: mpsc::Sender<StreamEvent>,
+    delay: Duration,
+}
+
+impl MuxAgent {
+    /// Applies one stream event. `Err` when the agent is gone.
+    async fn on_stream_event(&mut self, ev: StreamEvent, ctx: &PluginContext) -> Result<(), ()> {
+        match ev {
+            StreamEvent::DialFailed(sid) => {
+                // Keep the byte stream's order: what is pending goes out before the flag.
+                self.send_all(ctx).await?;
+                let flag = Bytes::copy_from_slice(&Flag::ConnectToPortError.encode());
+                ctx.output
+                    .send(PluginEvent::Data(PayloadType::Flag, flag))
+                    .await
+                    .map_err(|_| ())?;
+                if self.mux.is_open(sid) {
+                    let _ = self.mux.close(sid);
+                }
+                self.streams.remove(&sid);
+            }
+            StreamEvent::Data(sid, data) => {
+                let mut rest = &data[..];
+                while !rest.is_empty() && self.mux.is_open(sid) {
+                    match self.mux.write(sid, rest) {
+                        Ok(0) => self.send_full(ctx).await?,
+                        Ok(n) => rest = &rest[n..],
+                        Err(_) => break,
+                    }
+                }
+            }
+            StreamEvent::Done(sid) => {
+                if self.mux.is_open(sid) {
+                    let _ = self.mux.close(sid);
+                }
+                self.streams.remove(&sid);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends pending output as 1024-byte messages, topping the pipe up from stream events
+    /// that are already queued, and the remainder once none is.
+    async fn pump_output(
+        &mut self,
+        ev_rx: &mut mpsc::Receiver<StreamEvent>,
+        ctx: &PluginContext,
+    ) -> Result<(), ()> {
+        loop {
+            while self.mux.pending_output_len() < CHUNK {
+                match ev_rx.try_recv() {
+                    Ok(ev) => self.on_stream_event(ev, ctx).await?,
+                    Err(_) => break,
+                }
+            }
+            match self.mux.pending_output_len() {
+                0 => return Ok(()),
+                n if n >= CHUNK => self.send_chunk(ctx).await?,
+                _ => {
+                    // A partial read: give producers that are mid-write a chance first.
+                    tokio::task::yield_now().await;
+                    if ev_rx.is_empty() {
+                        self.send_chunk(ctx).await?;
+                        if ev_rx.is_empty() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends every full 1024-byte chunk pending.
+    async fn send_full(&mut self, ctx: &PluginContext) -> Result<(), ()> {
+        while self.mux.pending_output_len() >= CHUNK {
+            self.send_chunk(ctx).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends everything pending.
+    async fn send_all(&mut self, ctx: &PluginContext) -> Result<(), ()> {
+        while self.mux.pending_output_len() > 0 {
+            self.send_chunk(ctx).await?;
+        }
+        Ok(())
+    }
+
+    /// One read of the pipe: at most 1024 bytes become one Output message.
+    async fn send_chunk(&mut self, ctx: &PluginContext) -> Result<(), ()> {
+        let Some(chunk) = self.mux.poll_output_max(CHUNK) else {
+            return Ok(());
+        };
+        ctx.output
+            .send(PluginEvent::Data(PayloadType::Output, chunk))
+            .await
+            .map_err(|_| ())?;
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        Ok(())
+    }
+}
+
 async fn run_mux(mut ctx: PluginContext, host: String, port: String) {
-    let mut mux = Mux::new(Role::Server, MuxConfig::default());
-    let mut streams: HashMap<StreamId, StreamHandle> = HashMap::new();
-    let (ev_tx, mut ev_rx) = mpsc::channel::<StreamEvent>(256);
-    let delay = ctx.chunk_delay();
+    let (ev_tx, mut ev_rx) = mpsc::channel::<StreamEvent>(STREAM_EVENTS);
+    let mut agent = MuxAgent {
+        mux: Mux::new(Role::Server, MuxConfig::default()),
+        streams: HashMap::new(),
+        host,
+        port,
+        ev_tx,
+        delay: ctx.chunk_delay(),
+    };
     let exit_output = loop {
         tokio::select! {
             input = ctx.input.recv() => {
                 let Some(input) = input else { return };
                 match input.payload_type {
                     PayloadType::Output => {
-                        if let Err(e) = mux.feed_bytes(input.data) {
+                        if let Err(e) = agent.mux.feed_bytes(input.data) {
                             break format!("smux protocol error: {e}");
                         }
-                        while let Some(ev) = mux.poll_event() {
+                        while let Some(ev) = agent.mux.poll_event() {
                             match ev {
                                 MuxEvent::Opened(sid) => {
                                     let (tx, rx) = mpsc::channel(64);
                                     let task = tokio::spawn(stream_task(
-                                        sid, host.clone(), port.clone(), rx, ev_tx.clone(),
+                                        sid,
+                                        agent.host.clone(),
+                                        agent.port.clone(),
+                                        rx,
+                                        agent.ev_tx.clone(),
                                     ));
-                                    streams.insert(sid, StreamHandle { tx: Some(tx), _task: AbortOnDrop(task) });
+                                    agent.streams.insert(sid, StreamHandle { tx: Some(tx), _task: AbortOnDrop(task) });
                                 }
                                 MuxEvent::Data(sid, data) => {
-                                    let tx = streams.get(&sid).and_then(|h| h.tx.clone());
+                                    let tx = agent.streams.get(&sid).and_then(|h| h.tx.clone());
                                     if let Some(tx) = tx {
                                         // smux v1 has no per-stream window: a slow target
                                         // stalls the whole session, as with the agent.
@@ -243,7 +375,7 @@ async fn run_mux(mut ctx: PluginContext, host: String, port: String) {
                                     }
                                 }
                                 MuxEvent::Closed(sid) => {
-                                    if let Some(h) = streams.get_mut(&sid) {
+                                    if let Some(h) = agent.streams.get_mut(&sid) {
                                         h.tx = None;
                                     }
                                 }
@@ -258,57 +390,16 @@ async fn run_mux(mut ctx: PluginContext, host: String, port: String) {
                     _ => {}
                 }
             }
-            Some(ev) = ev_rx.recv() => match ev {
-                StreamEvent::DialFailed(sid) => {
-                    let flag = Bytes::copy_from_slice(&Flag::ConnectToPortError.encode());
-                    if ctx.output.send(PluginEvent::Data(PayloadType::Flag, flag)).await.is_err() {
-                        return;
-                    }
-                    if mux.is_open(sid) {
-                        let _ = mux.close(sid);
-                    }
-                    streams.remove(&sid);
-                }
-                StreamEvent::Data(sid, data) => {
-                    let mut rest = &data[..];
-                    while !rest.is_empty() && mux.is_open(sid) {
-                        match mux.write(sid, rest) {
-                            Ok(0) => {
-                                if flush(&mut mux, &ctx, delay).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(n) => rest = &rest[n..],
-                            Err(_) => break,
-                        }
-                    }
-                }
-                StreamEvent::Done(sid) => {
-                    if mux.is_open(sid) {
-                        let _ = mux.close(sid);
-                    }
-                    streams.remove(&sid);
+            Some(ev) = ev_rx.recv() => {
+                if agent.on_stream_event(ev, &ctx).await.is_err() {
+                    return;
                 }
             }
         }
-        if flush(&mut mux, &ctx, delay).await.is_err() {
+        if agent.pump_output(&mut ev_rx, &ctx).await.is_err() {
             return;
         }
     };
-    let _ = flush(&mut mux, &ctx, delay).await;
+    let _ = agent.send_all(&ctx).await;
     let _ = ctx.output.send(PluginEvent::Exit(exit_output)).await;
-}
-
-/// Sends everything the mux has queued as Output payloads of at most 1024 bytes.
-async fn flush(mux: &mut Mux, ctx: &PluginContext, delay: Duration) -> Result<(), ()> {
-    while let Some(chunk) = mux.poll_output_max(CHUNK) {
-        ctx.output
-            .send(PluginEvent::Data(PayloadType::Output, chunk))
-            .await
-            .map_err(|_| ())?;
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-    }
-    Ok(())
 }

@@ -52,6 +52,32 @@ pub fn now_ms() -> u64 {
         .unwrap_or(1)
 }
 
+/// Options of [`Client::connect_opts`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnectOpts {
+    pub ping_first: bool,
+    pub recv_buffer: Option<u32>,
+}
+
+/// Opens a plain `ws://` WebSocket, optionally with a small SO_RCVBUF.
+async fn open_plain(url: &str, recv_buffer: Option<u32>) -> Ws {
+    let hostport = url
+        .strip_prefix("ws://")
+        .and_then(|r| r.split('/').next())
+        .expect("a ws:// url");
+    let addr: std::net::SocketAddr = hostport.parse().expect("ip:port");
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(n) = recv_buffer {
+        socket.set_recv_buffer_size(n).unwrap();
+    }
+    let stream = socket.connect(addr).await.expect("tcp connect");
+    let _ = stream.set_nodelay(true);
+    let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+        .await
+        .expect("websocket handshake");
+    ws
+}
+
 async fn open(url: &str, root: Option<&[u8]>) -> Ws {
     let connector = root.map(|der| {
         let mut roots = rustls::RootCertStore::empty();
@@ -78,7 +104,31 @@ impl Client {
     }
 
     pub async fn connect_with_root(url: &str, token: &str, root: Option<Vec<u8>>) -> Client {
-        let mut c = Client {
+        let mut c = Self::unconnected(root);
+        c.reconnect(url, token).await;
+        c
+    }
+
+    /// Like [`Client::connect`] over plain ws, with options: a WebSocket ping sent before
+    /// the OpenDataChannelInput text frame (as the official plugin often does), and/or a
+    /// small socket receive buffer (so a client that stops reading backs up quickly).
+    pub async fn connect_opts(url: &str, token: &str, opts: ConnectOpts) -> Client {
+        let mut c = Self::unconnected(None);
+        let ws = open_plain(url, opts.recv_buffer).await;
+        c.ws = Some(ws);
+        if opts.ping_first {
+            c.ws.as_mut()
+                .unwrap()
+                .send(Message::Ping(Bytes::from_static(b"keepalive")))
+                .await
+                .expect("send ping");
+        }
+        c.send_open(token).await;
+        c
+    }
+
+    fn unconnected(root: Option<Vec<u8>>) -> Client {
+        Client {
             ws: None,
             client_id: Uuid::new_v4().to_string(),
             next_seq: 0,
@@ -90,14 +140,10 @@ impl Client {
             duplicates: 0,
             first_frame_types: Vec::new(),
             root,
-        };
-        c.reconnect(url, token).await;
-        c
+        }
     }
 
-    /// Opens a (new) WebSocket and sends OpenDataChannelInput; unacked frames are resent.
-    pub async fn reconnect(&mut self, url: &str, token: &str) {
-        let mut ws = open(url, self.root.as_deref()).await;
+    async fn send_open(&mut self, token: &str) {
         let input = OpenDataChannelInput {
             message_schema_version: "1.0".into(),
             request_id: Uuid::new_v4().to_string(),
@@ -105,10 +151,18 @@ impl Client {
             client_id: self.client_id.clone(),
             client_version: CLIENT_VERSION.into(),
         };
-        ws.send(Message::Text(serde_json::to_string(&input).unwrap().into()))
+        self.ws
+            .as_mut()
+            .expect("connected")
+            .send(Message::Text(serde_json::to_string(&input).unwrap().into()))
             .await
             .expect("send open");
-        self.ws = Some(ws);
+    }
+
+    /// Opens a (new) WebSocket and sends OpenDataChannelInput; unacked frames are resent.
+    pub async fn reconnect(&mut self, url: &str, token: &str) {
+        self.ws = Some(open(url, self.root.as_deref()).await);
+        self.send_open(token).await;
         let frames: Vec<Bytes> = self.unacked.values().map(|(f, _)| f.clone()).collect();
         for f in frames {
             self.send_raw(f).await;
@@ -330,6 +384,28 @@ pub async fn echo_server() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
         }
     });
     (port, count)
+}
+
+/// A TCP server that writes `len` bytes of `pattern(i)` to every connection and closes it.
+pub async fn bulk_server(len: usize) -> u16 {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let data = pattern(len);
+                let _ = s.write_all(&data).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// Deterministic test bytes.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i.wrapping_mul(31) % 253) as u8).collect()
 }
 
 /// A port nobody listens on.
