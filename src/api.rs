@@ -1,39 +1,58 @@
-//! The [`SessionApi`] the driver uses, over the AWS SDK (temporary stand-in).
+//! The driver's [`SessionApi`] over [`AwsContext`]: SigV4 for the data channel,
+//! ResumeSession, TerminateSession and KMS GenerateDataKey with the identity the AWS CLI
+//! used (region argv 2, profile argv 4, endpoint argv 6).
+
 use std::sync::Arc;
 
+use crate::aws::{AwsContext, AwsError};
 use crate::invocation::StartSessionArgs;
 use crate::session::{ApiError, BoxFuture, DataKeyResult, ResumeResult, SessionApi, SignResult};
 
-struct Unavailable;
-
-fn unavailable<T>() -> Result<T, ApiError> {
-    Err(ApiError {
-        message: "AWS API calls are not available in this build".to_owned(),
-        retryable: false,
-    })
+impl From<AwsError> for ApiError {
+    fn from(e: AwsError) -> ApiError {
+        ApiError {
+            retryable: e.is_retryable(),
+            message: e.to_string(),
+        }
+    }
 }
 
-impl SessionApi for Unavailable {
-    fn sign<'a>(&'a self, _url: &'a str) -> BoxFuture<'a, SignResult> {
-        Box::pin(async { unavailable() })
+struct Aws(AwsContext);
+
+impl SessionApi for Aws {
+    fn sign<'a>(&'a self, url: &'a str) -> BoxFuture<'a, SignResult> {
+        Box::pin(async move { Ok(self.0.sign_websocket(url).await?) })
     }
-    fn resume<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, ResumeResult> {
-        Box::pin(async { unavailable() })
+
+    fn resume<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, ResumeResult> {
+        Box::pin(async move { Ok(self.0.resume_session(session_id).await?) })
     }
-    fn terminate<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Result<(), ApiError>> {
-        Box::pin(async { unavailable() })
+
+    fn terminate<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, Result<(), ApiError>> {
+        Box::pin(async move { Ok(self.0.terminate_session(session_id).await?) })
     }
+
     fn data_key<'a>(
         &'a self,
-        _k: &'a str,
-        _s: &'a str,
-        _t: &'a str,
+        key_id: &'a str,
+        session_id: &'a str,
+        target: &'a str,
     ) -> BoxFuture<'a, DataKeyResult> {
-        Box::pin(async { unavailable() })
+        Box::pin(async move {
+            let (mut plaintext, blob) =
+                self.0.generate_data_key(key_id, session_id, target).await?;
+            // Move the key out; the emptied wrapper is wiped on drop, the moved-out buffer
+            // is wiped by `GeneratedDataKey`'s drop.
+            Ok((std::mem::take(&mut *plaintext), blob))
+        })
     }
 }
 
+/// The API for this invocation.
 pub fn new(args: &StartSessionArgs) -> Arc<dyn SessionApi> {
-    tracing::debug!(region = %args.region, profile = %args.profile, endpoint = %args.endpoint, "AWS context");
-    Arc::new(Unavailable)
+    Arc::new(Aws(AwsContext::new(
+        &args.region,
+        &args.profile,
+        &args.endpoint,
+    )))
 }

@@ -1,6 +1,7 @@
 //! `session-manager-plugin`: argv → [`invocation::Invocation`] → run → exit status.
 
 mod api;
+mod aws;
 mod console;
 mod invocation;
 mod logging;

@@ -212,7 +212,13 @@ impl Driver {
     }
 
     /// After the WebSocket failed: ResumeSession and reconnect, until the budget ends.
+    /// Once the session is finishing (stdin EOF, a signal) there is nothing left worth a
+    /// reconnect: exit with the finishing status instead of hanging on the budget.
     async fn reconnect(&mut self, why: &str) -> Result<(Sink, Stream), u8> {
+        if let Some((code, _)) = self.finishing {
+            warn!("data channel lost ({why}) while finishing; exiting");
+            return Err(code);
+        }
         warn!("data channel lost ({why}); resuming the session");
         self.session.channel_mut().transport_lost();
         let deadline = Instant::now() + self.p.options.reconnect_timeout;
@@ -441,7 +447,7 @@ impl Driver {
                 if let Err(e) = self.api.terminate(&self.p.session_id).await {
                     self.p
                         .console
-                        .error(&format!("TerminateSession failed: {e}"));
+                        .error(&format!("\nTerminateSession failed: {e}"));
                 }
                 return Turn::Exit(exit::OK);
             }

@@ -172,6 +172,12 @@ async fn terminate_signal() {
 async fn on_signal(ctx: &ModeContext, use_flag: bool) {
     let console: Console = ctx.console;
     console.status("Terminate signal received, exiting.\n");
+    // The session now flushes for up to SSM_PLUGIN_FLUSH_TIMEOUT; a second signal means
+    // the user does not want to wait.
+    tokio::spawn(async {
+        terminate_signal().await;
+        std::process::exit(i32::from(exit::OK));
+    });
     if use_flag {
         let _ = ctx.up.send(Up::Flag(Flag::TerminateSession)).await;
         console.status(&format!(

@@ -61,7 +61,8 @@ pub struct SessionStats {
     pub netem_reordered: u64,
     /// Corrupted frames injected by `malformed_every`.
     pub malformed_injected: u64,
-    /// Agent frames discarded because no WebSocket was attached or its queue was full.
+    /// Agent frames discarded because no WebSocket was attached (or it had just closed).
+    /// A full link queue never discards: the agent waits and stops reading its plugin.
     pub agent_frames_unsent: u64,
 
     /// Payload bytes delivered to the session handler / produced by it (plaintext).

@@ -82,9 +82,16 @@ pub enum SessionEvent {
 }
 
 /// A data key from KMS: the 64 plaintext bytes and the ciphertext blob for the agent.
+/// The plaintext is wiped when this is dropped.
 pub struct GeneratedDataKey {
     pub plaintext: Vec<u8>,
     pub ciphertext_blob: Vec<u8>,
+}
+
+impl Drop for GeneratedDataKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.plaintext);
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -369,9 +376,9 @@ impl ClientSession {
         if self.state != State::AwaitingKey {
             return;
         }
-        let entry = match key.and_then(|k| {
+        let entry = match key.and_then(|mut k| {
             DataKey::from_slice(&k.plaintext)
-                .map(|dk| (dk, k.ciphertext_blob))
+                .map(|dk| (dk, std::mem::take(&mut k.ciphertext_blob)))
                 .map_err(|e| e.to_string())
         }) {
             Ok((dk, blob)) => {
