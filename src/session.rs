@@ -86,6 +86,50 @@ pub struct SessionParams {
 type Sink = SplitSink<Ws, Message>;
 type Stream = SplitStream<Ws>;
 
+/// Frames waiting for the WebSocket writer task.
+const WRITE_QUEUE: usize = 64;
+
+/// The write half of the WebSocket, in its own task so that a peer that is slow to read
+/// never stops this side from reading (two sides blocked on writes is a deadlock).
+struct Writer {
+    tx: mpsc::Sender<Message>,
+    task: JoinHandle<()>,
+}
+
+impl Writer {
+    fn spawn(mut sink: Sink) -> Writer {
+        let (tx, mut rx) = mpsc::channel::<Message>(WRITE_QUEUE);
+        let task = tokio::spawn(async move {
+            while let Some(m) = rx.recv().await {
+                if let Err(e) = sink.feed(m).await {
+                    debug!("WebSocket write: {e}");
+                    return;
+                }
+                while let Ok(m) = rx.try_recv() {
+                    if let Err(e) = sink.feed(m).await {
+                        debug!("WebSocket write: {e}");
+                        return;
+                    }
+                }
+                if let Err(e) = sink.flush().await {
+                    debug!("WebSocket flush: {e}");
+                    return;
+                }
+            }
+            // The driver is done: a clean close.
+            let _ = sink.close().await;
+        });
+        Writer { tx, task }
+    }
+
+    /// Sends what is queued and a close frame, waiting a moment for it.
+    async fn close(self) {
+        let Writer { tx, task } = self;
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(1), task).await;
+    }
+}
+
 /// Queue depths between driver and mode. Small on purpose: data waits in the kernel's
 /// socket buffers, not here, so an interactive byte never queues behind megabytes.
 const UP_QUEUE: usize = 4;
@@ -116,7 +160,7 @@ pub async fn run(params: SessionParams, api: Arc<dyn SessionApi>) -> u8 {
     ));
     let mut driver = Driver::new(params, api);
     match driver.open_initial().await {
-        Ok((sink, stream)) => driver.run(sink, stream).await,
+        Ok((writer, stream)) => driver.run(writer, stream).await,
         Err(e) => {
             console.error(&format!("Cannot perform start session: {e}"));
             exit::SESSION_FAILED
@@ -163,7 +207,7 @@ impl Driver {
     }
 
     /// Signs (when credentials exist), dials, and sends OpenDataChannel.
-    async fn open(&self, url: &str, token: &str) -> Result<(Sink, Stream), String> {
+    async fn open(&self, url: &str, token: &str) -> Result<(Writer, Stream), String> {
         let headers = match self.api.sign(url).await {
             Ok(h) => h.unwrap_or_default(),
             Err(e) => {
@@ -190,11 +234,11 @@ impl Driver {
         let _ = sink
             .send(Message::Ping(Bytes::from_static(b"keepalive")))
             .await;
-        Ok((sink, stream))
+        Ok((Writer::spawn(sink), stream))
     }
 
     /// The first connection, retried a few times like the official plugin.
-    async fn open_initial(&mut self) -> Result<(Sink, Stream), String> {
+    async fn open_initial(&mut self) -> Result<(Writer, Stream), String> {
         let mut last = String::new();
         for attempt in 0..6u32 {
             if attempt > 0 {
@@ -214,7 +258,7 @@ impl Driver {
     /// After the WebSocket failed: ResumeSession and reconnect, until the budget ends.
     /// Once the session is finishing (stdin EOF, a signal) there is nothing left worth a
     /// reconnect: exit with the finishing status instead of hanging on the budget.
-    async fn reconnect(&mut self, why: &str) -> Result<(Sink, Stream), u8> {
+    async fn reconnect(&mut self, why: &str) -> Result<(Writer, Stream), u8> {
         if let Some((code, _)) = self.finishing {
             warn!("data channel lost ({why}) while finishing; exiting");
             return Err(code);
@@ -270,7 +314,15 @@ impl Driver {
         }
     }
 
-    async fn run(&mut self, mut sink: Sink, mut stream: Stream) -> u8 {
+    async fn run(&mut self, mut writer: Writer, stream: Stream) -> u8 {
+        let code = self.run_inner(&mut writer, stream).await;
+        let _ = self.transmit(&writer, Instant::now());
+        writer.close().await;
+        code
+    }
+
+    async fn run_inner(&mut self, writer: &mut Writer, mut stream: Stream) -> u8 {
+        let mut status = tokio::time::interval(Duration::from_secs(5));
         let mut ping = tokio::time::interval_at(
             Instant::now() + self.p.options.ping_interval,
             self.p.options.ping_interval,
@@ -278,14 +330,13 @@ impl Driver {
         loop {
             let now = Instant::now();
             if let Turn::Exit(code) = self.pump_events(now).await {
-                let _ = self.transmit(&mut sink, now).await;
                 return code;
             }
             self.feed_up(now);
-            if let Err(e) = self.transmit(&mut sink, now).await {
+            if let Err(e) = self.transmit(writer, now) {
                 match self.reconnect(&e).await {
-                    Ok((s, r)) => {
-                        sink = s;
+                    Ok((w, r)) => {
+                        *writer = w;
                         stream = r;
                         continue;
                     }
@@ -318,17 +369,20 @@ impl Driver {
             let can_take_up = self.finishing.is_none()
                 && self.pending_up.is_none()
                 && self.session.channel().can_send();
-            let down_blocked = self
-                .mode
-                .as_ref()
-                .and_then(|m| m.down.as_ref())
-                .map(|d| d.capacity() == 0)
-                .unwrap_or(false);
+            // Events are left only when the mode's queue was full; wait for room. (Testing
+            // the queue's capacity here instead would race with the mode taking an item.)
+            let down_blocked = self.mode.as_ref().is_some_and(|m| m.down.is_some())
+                && self.session.has_pending_events();
             let down_tx = self.mode.as_ref().and_then(|m| m.down.clone());
+            // Receive backpressure: while the user side has not taken what was delivered,
+            // stop reading the WebSocket (TCP holds the agent back) instead of dropping.
+            let wants_input = self.session.channel().wants_input();
+            let writer_full = writer.tx.capacity() == 0;
+            let writer_tx = writer.tx.clone();
             let up_rx = self.up_rx.as_mut();
             tokio::select! {
                 biased;
-                msg = stream.next() => {
+                msg = stream.next(), if wants_input => {
                     let now = Instant::now().into_std();
                     match msg {
                         Some(Ok(Message::Binary(b))) => {
@@ -345,20 +399,20 @@ impl Driver {
                         Some(Ok(Message::Close(frame))) => {
                             let why = frame.map(|f| format!("closed by the service: {} {}", f.code, f.reason)).unwrap_or_else(|| "closed by the service".to_owned());
                             match self.reconnect(&why).await {
-                                Ok((s, r)) => { sink = s; stream = r; }
+                                Ok((w, r)) => { *writer = w; stream = r; }
                                 Err(code) => return self.finish_mode(code).await,
                             }
                         }
                         Some(Ok(_)) => {}
                         Some(Err(e)) => {
                             match self.reconnect(&e.to_string()).await {
-                                Ok((s, r)) => { sink = s; stream = r; }
+                                Ok((w, r)) => { *writer = w; stream = r; }
                                 Err(code) => return self.finish_mode(code).await,
                             }
                         }
                         None => {
                             match self.reconnect("connection closed").await {
-                                Ok((s, r)) => { sink = s; stream = r; }
+                                Ok((w, r)) => { *writer = w; stream = r; }
                                 Err(code) => return self.finish_mode(code).await,
                             }
                         }
@@ -369,31 +423,47 @@ impl Driver {
                 }
                 up = recv_opt(up_rx), if can_take_up => {
                     if let Turn::Exit(code) = self.on_up(up).await {
-                        let _ = self.transmit(&mut sink, Instant::now()).await;
                         return code;
                     }
                 }
                 _ = reserve_opt(down_tx), if down_blocked => {}
+                _ = writer_tx.reserve(), if writer_full => {}
+                _ = status.tick(), if tracing::enabled!(tracing::Level::DEBUG) => {
+                    let ch = self.session.channel();
+                    debug!(
+                        "channel: in flight {}, undelivered {} B in {} events, reading {}, down blocked {}, writer full {}, mode {}, {:?}",
+                        ch.in_flight(),
+                        ch.undelivered_bytes(),
+                        ch.pending_events(),
+                        wants_input,
+                        down_blocked,
+                        writer_full,
+                        self.mode.is_some(),
+                        ch.stats()
+                    );
+                }
                 _ = ping.tick() => {
-                    if let Err(e) = sink.send(Message::Ping(Bytes::from_static(b"keepalive"))).await {
-                        debug!("ping failed: {e}");
+                    if writer.tx.try_send(Message::Ping(Bytes::from_static(b"keepalive"))).is_err() {
+                        debug!("ping not queued: writer busy or gone");
                     }
                 }
             }
         }
     }
 
-    /// Writes every frame pacing allows now.
-    async fn transmit(&mut self, sink: &mut Sink, now: Instant) -> Result<(), String> {
-        let mut wrote = false;
-        while let Some(frame) = self.session.channel_mut().poll_transmit(now.into_std()) {
-            sink.feed(Message::Binary(frame))
-                .await
-                .map_err(|e| e.to_string())?;
-            wrote = true;
+    /// Queues every frame pacing allows now, while the writer has room.
+    fn transmit(&mut self, writer: &Writer, now: Instant) -> Result<(), String> {
+        if writer.tx.is_closed() {
+            return Err("the WebSocket connection failed".to_owned());
         }
-        if wrote {
-            sink.flush().await.map_err(|e| e.to_string())?;
+        while writer.tx.capacity() > 0 {
+            let Some(frame) = self.session.channel_mut().poll_transmit(now.into_std()) else {
+                break;
+            };
+            writer
+                .tx
+                .try_send(Message::Binary(frame))
+                .map_err(|_| "the WebSocket connection failed".to_owned())?;
         }
         Ok(())
     }

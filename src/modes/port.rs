@@ -37,6 +37,8 @@ const READ_SIZE: usize = 4096;
 const READ_QUEUE: usize = 4;
 /// Chunks waiting to be written to one local connection.
 const WRITE_QUEUE: usize = 256;
+/// Mux output held before local reads pause (the driver takes it a chunk at a time).
+const MUX_OUTPUT_HIGH: usize = 16 * 1024;
 
 type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
@@ -197,17 +199,29 @@ pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
         Err(e) => return fail(&ctx, &e).await,
     };
     ctx.console.status(&format!(
-        "{name} opened for sessionId {}.\n\nWaiting for connections...\n",
+        "{name} opened for sessionId {}.\nWaiting for connections...\n",
         ctx.session_id
     ));
     let mut mux = Mux::new(Role::Client, MuxConfig::default());
     let (rd_tx, mut rd_rx) = mpsc::channel::<(StreamId, Option<Bytes>)>(READ_QUEUE);
     let mut writers: HashMap<StreamId, mpsc::Sender<Bytes>> = HashMap::new();
+    // A local chunk the mux could not take yet (its output queue was full).
+    let mut carry: Option<(StreamId, Bytes)> = None;
     let mut accepted_any = false;
     let signal = terminate_signal();
     tokio::pin!(signal);
+    // The two directions never wait on each other: mux output goes up only through a
+    // reserved slot, and local reads pause while the mux holds enough output.
     let stop = loop {
+        let out_pending = mux.pending_output_len() > 0;
+        let take_local = carry.is_none() && mux.pending_output_len() < MUX_OUTPUT_HIGH;
         tokio::select! {
+            permit = ctx.up.reserve(), if out_pending => {
+                let Ok(permit) = permit else { break Stop::Closed };
+                if let Some(out) = mux.poll_output() {
+                    permit.send(Up::Data(out));
+                }
+            }
             accepted = listener.accept() => {
                 let (r, w) = match accepted {
                     Ok(c) => c,
@@ -235,38 +249,19 @@ pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
                 writers.insert(sid, w_tx);
                 tokio::spawn(write_local(w, w_rx));
                 tokio::spawn(read_local(sid, r, rd_tx.clone()));
-                if !flush_mux(&mut mux, &ctx.up).await {
-                    break Stop::Closed;
-                }
             }
-            Some((sid, data)) = rd_rx.recv() => {
-                match data {
-                    Some(data) => {
-                        let mut rest = &data[..];
-                        while !rest.is_empty() {
-                            match mux.write(sid, rest) {
-                                Ok(0) => {
-                                    if !flush_mux(&mut mux, &ctx.up).await {
-                                        break;
-                                    }
-                                }
-                                Ok(n) => rest = &rest[n..],
-                                Err(e) => {
-                                    debug!("stream {sid} write: {e}");
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    None => {
-                        // Local EOF or error: close the stream (FIN) like the official plugin.
-                        if mux.is_open(sid) {
-                            let _ = mux.close(sid);
-                        }
+            Some((sid, data)) = rd_rx.recv(), if take_local => match data {
+                Some(data) => carry = write_stream(&mut mux, sid, data),
+                None => {
+                    // Local EOF or error: close the stream (FIN) like the official plugin.
+                    if mux.is_open(sid) {
+                        let _ = mux.close(sid);
                     }
                 }
-                if !flush_mux(&mut mux, &ctx.up).await {
-                    break Stop::Closed;
+            },
+            _ = std::future::ready(()), if carry.is_some() && mux.pending_output_len() < MUX_OUTPUT_HIGH => {
+                if let Some((sid, data)) = carry.take() {
+                    carry = write_stream(&mut mux, sid, data);
                 }
             }
             down = ctx.down.recv() => {
@@ -282,6 +277,9 @@ pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
                         while let Some(ev) = mux.poll_event() {
                             match ev {
                                 MuxEvent::Data(sid, data) => {
+                                    // smux v1 has no per-stream window: a local reader that
+                                    // stops reading holds back every stream, as with the
+                                    // official plugin, but never the upload direction.
                                     if let Some(w) = writers.get(&sid) {
                                         if w.send(data).await.is_err() {
                                             writers.remove(&sid);
@@ -294,9 +292,6 @@ pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
                                 }
                                 MuxEvent::Opened(sid) => debug!("agent opened stream {sid}; ignored"),
                             }
-                        }
-                        if !flush_mux(&mut mux, &ctx.up).await {
-                            break Stop::Closed;
                         }
                     }
                     Down::Flag(Flag::ConnectToPortError) => {
@@ -317,14 +312,16 @@ pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
     ModeOutcome::default()
 }
 
-/// Hands the mux's queued output to the driver; `false` when the driver is gone.
-async fn flush_mux(mux: &mut Mux, up: &mpsc::Sender<Up>) -> bool {
-    while let Some(out) = mux.poll_output() {
-        if up.send(Up::Data(out)).await.is_err() {
-            return false;
+/// Queues a local chunk on its stream; returns what the mux could not take yet.
+fn write_stream(mux: &mut Mux, sid: StreamId, data: Bytes) -> Option<(StreamId, Bytes)> {
+    match mux.write(sid, &data) {
+        Ok(n) if n < data.len() => Some((sid, data.slice(n..))),
+        Ok(_) => None,
+        Err(e) => {
+            debug!("stream {sid} write: {e}");
+            None
         }
     }
-    true
 }
 
 async fn read_local(sid: StreamId, mut r: BoxRead, tx: mpsc::Sender<(StreamId, Option<Bytes>)>) {

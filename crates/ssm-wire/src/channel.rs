@@ -76,9 +76,17 @@ pub struct ChannelConfig {
     pub pacing_burst: u32,
     /// Out-of-order messages buffered ahead of the next expected one.
     pub reorder_capacity: usize,
-    /// Received payload bytes held for the session before new data stops being accepted
-    /// (unacknowledged, so the peer resends it later): receive-side backpressure.
+    /// Payload bytes the reorder buffer may hold ahead of a missing message; beyond it,
+    /// out-of-order messages are left unacknowledged for the peer to resend.
+    pub max_reorder_bytes: usize,
+    /// Delivered payload bytes not yet taken by the session above which the driver should
+    /// stop reading the transport ([`Channel::wants_input`]): receive backpressure that
+    /// never drops an in-order message (the agent resends only its oldest message per
+    /// 100 ms, so a dropped one stalls the stream).
     pub max_undelivered_bytes: usize,
+    /// Later messages acknowledged past an unacknowledged one before it is resent without
+    /// waiting for its timer (fast retransmit).
+    pub fast_retransmit_threshold: i64,
     pub initial_rtt: Duration,
     pub min_rto: Duration,
     pub max_rto: Duration,
@@ -99,7 +107,9 @@ impl Default for ChannelConfig {
             packets_per_second: Some(950.0),
             pacing_burst: 16,
             reorder_capacity: 10_000,
-            max_undelivered_bytes: 4 * 1024 * 1024,
+            max_reorder_bytes: 8 * 1024 * 1024,
+            max_undelivered_bytes: 1024 * 1024,
+            fast_retransmit_threshold: 3,
             initial_rtt: Duration::from_millis(100),
             min_rto: Duration::from_millis(200),
             max_rto: Duration::from_secs(4),
@@ -138,8 +148,8 @@ pub enum ReceiveError {
     BadAck(String),
     #[error("stream message seq {0} is too far ahead of the reorder buffer")]
     ReorderFull(i64),
-    #[error("receive buffer full; seq {0} left for the peer to resend")]
-    Backpressure(i64),
+    #[error("reorder buffer full; seq {0} left for the peer to resend")]
+    ReorderBytesFull(i64),
     #[error("negative sequence number {0}")]
     NegativeSequence(i64),
 }
@@ -160,6 +170,8 @@ pub enum SendError {
 pub struct ChannelStats {
     pub data_sent: u64,
     pub retransmits: u64,
+    /// Of `retransmits`, how many were triggered by later acknowledgements.
+    pub fast_retransmits: u64,
     pub acks_sent: u64,
     pub data_received: u64,
     pub duplicates_received: u64,
@@ -267,7 +279,14 @@ pub struct Channel {
     expected: i64,
     reorder: BTreeMap<i64, ClientMessage>,
     events: VecDeque<ChannelEvent>,
+    /// Payload bytes in `events` (delivered, not yet polled).
     undelivered_bytes: usize,
+    /// Payload bytes in `reorder`.
+    reorder_bytes: usize,
+    /// Highest sequence number the peer has acknowledged, and the next one the fast
+    /// retransmit scan looks at.
+    highest_acked: i64,
+    fast_scan: i64,
     gave_up: bool,
     stats: ChannelStats,
 }
@@ -309,6 +328,9 @@ impl Channel {
             reorder: BTreeMap::new(),
             events: VecDeque::new(),
             undelivered_bytes: 0,
+            reorder_bytes: 0,
+            highest_acked: -1,
+            fast_scan: 0,
             gave_up: false,
             stats: ChannelStats::default(),
         }
@@ -325,6 +347,22 @@ impl Channel {
     /// Current retransmission timeout.
     pub fn rto(&self) -> Duration {
         self.rtt.rto()
+    }
+
+    /// Whether the driver should read more frames from the transport: false while the
+    /// session has not taken the data already delivered (see `max_undelivered_bytes`).
+    pub fn wants_input(&self) -> bool {
+        self.undelivered_bytes < self.config.max_undelivered_bytes
+    }
+
+    /// Events waiting for [`Channel::poll_event`].
+    pub fn pending_events(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Delivered payload bytes the session has not taken yet.
+    pub fn undelivered_bytes(&self) -> usize {
+        self.undelivered_bytes
     }
 
     /// Whether `send` would accept another message now.
@@ -637,11 +675,40 @@ impl Channel {
             }
         }
         self.unacked_bytes -= m.payload_len.min(self.unacked_bytes);
+        self.highest_acked = self.highest_acked.max(seq);
+        self.fast_retransmit();
         while self.unacked.front().is_some_and(|m| m.acked) {
             self.unacked.pop_front();
             self.next_unsent = self.next_unsent.saturating_sub(1);
         }
         Ok(())
+    }
+
+    /// Resends, without waiting for their timers, messages sent once and still
+    /// unacknowledged while at least `fast_retransmit_threshold` later ones were
+    /// acknowledged: they were almost certainly lost. Each sequence number is looked at
+    /// once.
+    fn fast_retransmit(&mut self) {
+        let threshold = self.config.fast_retransmit_threshold;
+        if threshold <= 0 || !self.transport_up {
+            return;
+        }
+        let Some(front) = self.unacked.front().map(|m| m.seq) else {
+            return;
+        };
+        let upto = self.highest_acked - threshold;
+        let mut seq = self.fast_scan.max(front);
+        while seq <= upto {
+            if let Some(idx) = self.index_of(seq) {
+                let m = &self.unacked[idx];
+                if !m.acked && m.transmissions == 1 {
+                    self.retransmit_queue.push_back(seq);
+                    self.stats.fast_retransmits += 1;
+                }
+            }
+            seq += 1;
+        }
+        self.fast_scan = self.fast_scan.max(upto + 1);
     }
 
     fn queue_ack(&mut self, now: Instant, msg: &ClientMessage) {
@@ -682,12 +749,6 @@ impl Channel {
             self.queue_ack(now, &msg);
             return Ok(());
         }
-        if self.undelivered_bytes + msg.payload.len() > self.config.max_undelivered_bytes
-            && self.undelivered_bytes > 0
-        {
-            self.stats.dropped_frames += 1;
-            return Err(ReceiveError::Backpressure(seq));
-        }
         if seq > self.expected {
             let ahead = usize::try_from(seq - self.expected).unwrap_or(usize::MAX);
             if ahead > self.config.reorder_capacity
@@ -696,16 +757,20 @@ impl Channel {
                 self.stats.dropped_frames += 1;
                 return Err(ReceiveError::ReorderFull(seq));
             }
+            if self.reorder_bytes + msg.payload.len() > self.config.max_reorder_bytes {
+                self.stats.dropped_frames += 1;
+                return Err(ReceiveError::ReorderBytesFull(seq));
+            }
             self.stats.out_of_order_received += 1;
             self.queue_ack(now, &msg);
-            self.undelivered_bytes += msg.payload.len();
+            self.reorder_bytes += msg.payload.len();
             self.reorder.insert(seq, msg);
             return Ok(());
         }
         self.queue_ack(now, &msg);
         self.deliver(msg);
         while let Some(next) = self.reorder.remove(&self.expected) {
-            self.undelivered_bytes -= next.payload.len().min(self.undelivered_bytes);
+            self.reorder_bytes -= next.payload.len().min(self.reorder_bytes);
             self.deliver(next);
         }
         Ok(())

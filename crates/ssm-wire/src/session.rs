@@ -176,6 +176,11 @@ impl ClientSession {
         }
     }
 
+    /// Whether [`ClientSession::poll_event`] has something to return.
+    pub fn has_pending_events(&self) -> bool {
+        !self.events.is_empty() || self.channel.pending_events() > 0
+    }
+
     /// Feeds one WebSocket message.
     pub fn handle_frame(&mut self, now: Instant, frame: Bytes) -> Result<(), ReceiveError> {
         self.channel.handle_frame(now, frame)

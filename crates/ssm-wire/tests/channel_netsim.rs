@@ -555,3 +555,65 @@ fn gives_up_after_the_configured_time() {
     }
     assert!(now - start >= Duration::from_secs(10));
 }
+
+#[test]
+fn a_missing_message_is_accepted_however_much_waits_behind_it() {
+    // The receive limit gates reading, never the message the stream is waiting for:
+    // rejecting it would stall the stream for good behind a full reorder buffer.
+    let start = Instant::now();
+    let config = ChannelConfig {
+        max_undelivered_bytes: 4000,
+        ..Default::default()
+    };
+    let mut client = Channel::new(Role::Client, config, start, 1);
+    let mut agent = Channel::new(Role::Agent, ChannelConfig::default(), start, 1);
+    let mut frames = Vec::new();
+    for i in 0..10u8 {
+        agent
+            .send(start, PayloadType::Output, Bytes::from(vec![i; 1000]))
+            .unwrap();
+        frames.push(agent.poll_transmit(start).unwrap());
+    }
+    for f in &frames[1..] {
+        client.handle_frame(start, f.clone()).unwrap();
+    }
+    assert_eq!(client.poll_event(), None, "held until seq 0 arrives");
+    client.handle_frame(start, frames[0].clone()).unwrap();
+    assert!(!client.wants_input(), "10 000 bytes delivered, limit 4000");
+    let mut got = Vec::new();
+    while let Some(ChannelEvent::Data { payload, .. }) = client.poll_event() {
+        got.push(payload[0]);
+    }
+    assert_eq!(got, (0..10).collect::<Vec<u8>>());
+    assert!(client.wants_input());
+}
+
+#[test]
+fn later_acknowledgements_resend_a_lost_message_before_its_timer() {
+    let start = Instant::now();
+    let mut client = Channel::new(Role::Client, ChannelConfig::default(), start, 1);
+    let mut agent = Channel::new(Role::Agent, ChannelConfig::default(), start, 1);
+    let mut frames = Vec::new();
+    for _ in 0..6 {
+        client
+            .send(start, PayloadType::Output, Bytes::from_static(b"data"))
+            .unwrap();
+        frames.push(client.poll_transmit(start).unwrap());
+    }
+    // Seq 0 is lost; the agent acknowledges 1..=5 a few milliseconds later.
+    let t = start + Duration::from_millis(5);
+    for f in &frames[1..] {
+        agent.handle_frame(t, f.clone()).unwrap();
+    }
+    while let Some(ack) = agent.poll_transmit(t) {
+        client.handle_frame(t, ack).unwrap();
+    }
+    assert!(
+        t - start < client.rto(),
+        "well before the retransmission timer"
+    );
+    let resent = client.poll_transmit(t).expect("resent at once");
+    assert_eq!(ClientMessage::decode(resent).unwrap().sequence_number, 0);
+    assert_eq!(client.stats().fast_retransmits, 1);
+    assert_eq!(client.poll_transmit(t), None, "only the lost one");
+}
