@@ -467,7 +467,7 @@ impl Agent {
         }
         self.frames_to_client += 1;
         if let Some(n) = self.session.config.malformed_every.filter(|n| *n > 0) {
-            if self.frames_to_client % u64::from(n) == 0 {
+            if self.frames_to_client.is_multiple_of(u64::from(n)) {
                 let bad = self.corrupt(&frame);
                 if self.enqueue((WsOut::Frame(bad), false)) {
                     self.session.update_stats(|s| s.malformed_injected += 1);
