@@ -132,7 +132,7 @@ impl Writer {
 
 /// Queue depths between driver and mode. Small on purpose: data waits in the kernel's
 /// socket buffers, not here, so an interactive byte never queues behind megabytes.
-const UP_QUEUE: usize = 4;
+const UP_QUEUE: usize = 2;
 const DOWN_QUEUE: usize = 64;
 
 fn unix_ms() -> u64 {

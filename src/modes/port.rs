@@ -34,11 +34,16 @@ use crate::exit;
 /// chunk ahead of an interactive byte costs little latency at the packet budget.
 const READ_SIZE: usize = 4096;
 /// Chunks from all local connections waiting for the channel.
-const READ_QUEUE: usize = 4;
+const READ_QUEUE: usize = 2;
 /// Chunks waiting to be written to one local connection.
 const WRITE_QUEUE: usize = 256;
-/// Mux output held before local reads pause (the driver takes it a chunk at a time).
-const MUX_OUTPUT_HIGH: usize = 16 * 1024;
+/// Mux output held before local reads pause.
+const MUX_OUTPUT_HIGH: usize = 4 * 1024;
+/// Largest piece of mux output handed to the driver at once. Everything queued between a
+/// local socket and the pacer is what a keystroke waits behind during a bulk upload, so
+/// these queues are a few KiB, not more (≈ 1 ms of data each at the packet budget's rate
+/// would be ideal; 4 KiB keeps per-chunk overhead low when pacing is off).
+const UP_CHUNK: usize = 4 * 1024;
 
 type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
@@ -218,7 +223,7 @@ pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
         tokio::select! {
             permit = ctx.up.reserve(), if out_pending => {
                 let Ok(permit) = permit else { break Stop::Closed };
-                if let Some(out) = mux.poll_output() {
+                if let Some(out) = mux.poll_output_max(UP_CHUNK) {
                     permit.send(Up::Data(out));
                 }
             }

@@ -103,7 +103,7 @@ impl Default for ChannelConfig {
             max_payload: 1024,
             window_packets: 512,
             window_bytes: 512 * 1024,
-            max_queued: 16,
+            max_queued: 8,
             packets_per_second: Some(950.0),
             pacing_burst: 16,
             reorder_capacity: 10_000,
