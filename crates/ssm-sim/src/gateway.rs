@@ -37,6 +37,9 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// plugin's output until there is room again (like a TCP socket's backpressure).
 pub(crate) const LINK_CAPACITY: usize = 8192;
 
+/// Most frames the writer puts out per flush.
+const WRITE_BATCH: u64 = 64;
+
 /// What the network emulation hands to a connection's writer.
 #[derive(Clone, Debug)]
 pub(crate) enum WsOut {
@@ -199,14 +202,36 @@ where
                 }
                 out = out_rx.recv(), if out_open => match out {
                     Some(WsOut::Frame(b)) => {
-                        let len = b.len() as u64;
-                        if sink.send(Message::Binary(b)).await.is_err() {
+                        // Everything already waiting goes out in one flush: a write per
+                        // frame would make the simulator, not the plugin, the bottleneck.
+                        let (mut frames, mut bytes) = (0u64, 0u64);
+                        let mut next = Some(b);
+                        let mut close = false;
+                        while let Some(b) = next.take() {
+                            frames += 1;
+                            bytes += b.len() as u64;
+                            if sink.feed(Message::Binary(b)).await.is_err() {
+                                return;
+                            }
+                            if frames < WRITE_BATCH {
+                                match out_rx.try_recv() {
+                                    Ok(WsOut::Frame(b)) => next = Some(b),
+                                    Ok(WsOut::Close) => close = true,
+                                    Err(_) => {}
+                                }
+                            }
+                        }
+                        if sink.flush().await.is_err() {
                             return;
                         }
                         writer_session.update_stats(|s| {
-                            s.agent_frames += 1;
-                            s.agent_bytes += len;
+                            s.agent_frames += frames;
+                            s.agent_bytes += bytes;
                         });
+                        if close {
+                            let _ = sink.send(close_message(CloseCode::Away, "replaced by a newer connection")).await;
+                            return;
+                        }
                     }
                     Some(WsOut::Close) => {
                         let _ = sink.send(close_message(CloseCode::Away, "replaced by a newer connection")).await;

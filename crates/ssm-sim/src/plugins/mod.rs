@@ -241,12 +241,26 @@ pub(crate) async fn pump<R: AsyncRead + Unpin>(
                 {
                     return Err(());
                 }
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
+                agent_pause(delay).await;
             }
             Err(e) => return Ok(Err(e)),
         }
+    }
+}
+
+/// The real agent's pause after each chunk it sends (Go's `time.Sleep`, which keeps close
+/// to the asked duration). tokio's timer would round 1 ms up to nearly 2, halving every
+/// agent-bound transfer, so short pauses sleep on a blocking thread instead.
+pub(crate) async fn agent_pause(delay: Duration) {
+    if delay.is_zero() {
+        return;
+    }
+    let precise = delay < Duration::from_millis(20)
+        && tokio::task::spawn_blocking(move || std::thread::sleep(delay))
+            .await
+            .is_ok();
+    if !precise {
+        tokio::time::sleep(delay).await;
     }
 }
 

@@ -327,9 +327,7 @@ impl MuxAgent {
             .send(PluginEvent::Data(PayloadType::Output, chunk))
             .await
             .map_err(|_| ())?;
-        if !self.delay.is_zero() {
-            tokio::time::sleep(self.delay).await;
-        }
+        super::agent_pause(self.delay).await;
         Ok(())
     }
 }

@@ -46,9 +46,7 @@ pub(crate) async fn run(mut ctx: PluginContext, argv: Vec<String>) {
                     {
                         return false;
                     }
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
+                    super::agent_pause(delay).await;
                 }
             }
         }
