@@ -99,8 +99,7 @@ fn session_main(args: invocation::StartSessionArgs) -> u8 {
             return exit::SESSION_FAILED;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -9,6 +9,9 @@ use ssm_wire::channel::ChannelConfig;
 /// Prefix shared by every variable.
 pub const PREFIX: &str = "SSM_PLUGIN_";
 
+/// New frames queued in front of the pacer when pacing is on.
+const PACED_QUEUE: usize = 1;
+
 /// Parsed settings.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -144,6 +147,13 @@ impl Options {
             packets_per_second: self.packets_per_second,
             window_packets: self.window_packets,
             window_bytes: self.window_packets.saturating_mul(self.payload_size),
+            // Paced, a frame waiting for a token is all the queue needs: anything more is
+            // latency for the next keystroke. Unpaced, a few frames keep the writer busy.
+            max_queued: if self.packets_per_second.is_some() {
+                PACED_QUEUE
+            } else {
+                ChannelConfig::default().max_queued
+            },
             seed,
             ..ChannelConfig::default()
         }

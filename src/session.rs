@@ -131,8 +131,11 @@ impl Writer {
 }
 
 /// Queue depths between driver and mode. Small on purpose: data waits in the kernel's
-/// socket buffers, not here, so an interactive byte never queues behind megabytes.
-const UP_QUEUE: usize = 2;
+/// socket buffers, not here, so an interactive byte never queues behind megabytes. Paced,
+/// one chunk (one frame) up is enough: the mode refills the slot as soon as the driver
+/// takes it. Unpaced, a few chunks keep the driver busy while the mode is scheduled.
+const UP_QUEUE_PACED: usize = 1;
+const UP_QUEUE_UNPACED: usize = 4;
 const DOWN_QUEUE: usize = 64;
 
 fn unix_ms() -> u64 {
@@ -542,8 +545,9 @@ impl Driver {
         };
         running.down = None;
         match (&mut running.handle).await {
-            Ok(outcome) => match outcome.exit_code {
-                Some(c) if default == exit::OK => exit_status(c),
+            Ok(outcome) => match (outcome.failed, outcome.exit_code) {
+                (Some(status), _) if default == exit::OK => status,
+                (None, Some(c)) if default == exit::OK => exit_status(c),
                 _ => default,
             },
             Err(e) => {
@@ -620,7 +624,12 @@ impl Driver {
                     "session ready: type {} ({kind:?}), agent {}",
                     info.session_type, info.agent_version
                 );
-                let (up_tx, up_rx) = mpsc::channel(UP_QUEUE);
+                let up_queue = if self.p.options.packets_per_second.is_some() {
+                    UP_QUEUE_PACED
+                } else {
+                    UP_QUEUE_UNPACED
+                };
+                let (up_tx, up_rx) = mpsc::channel(up_queue);
                 let (down_tx, down_rx) = mpsc::channel(DOWN_QUEUE);
                 let ctx = ModeContext {
                     session_id: self.p.session_id.clone(),
@@ -629,6 +638,7 @@ impl Driver {
                     down: down_rx,
                     console,
                     options: self.p.options.clone(),
+                    frame_data: self.session.max_data_chunk(),
                 };
                 self.up_rx = Some(up_rx);
                 self.mode = Some(Running {

@@ -55,6 +55,9 @@ pub struct ModeContext {
     pub down: mpsc::Receiver<Down>,
     pub console: Console,
     pub options: Options,
+    /// Most user bytes one channel frame carries (the payload size, less the cipher's
+    /// overhead when the session is encrypted).
+    pub frame_data: usize,
 }
 
 /// How the session's user side ended, for the exit status.
@@ -62,6 +65,9 @@ pub struct ModeContext {
 pub struct ModeOutcome {
     /// The remote command's exit code, when the agent sent one.
     pub exit_code: Option<i32>,
+    /// The plugin's own exit status, when the mode failed (it wins over a session end
+    /// that races with the failure, such as the agent closing on our TerminateSession).
+    pub failed: Option<u8>,
 }
 
 /// Which mode a session runs in (PROTOCOL.md §8.2).

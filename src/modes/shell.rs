@@ -837,7 +837,10 @@ where
             Down::Flag(flag) => tracing::debug!(?flag, "flag ignored in a shell session"),
         }
     }
-    ModeOutcome { exit_code }
+    ModeOutcome {
+        exit_code,
+        failed: None,
+    }
 }
 
 #[cfg(test)]
@@ -1372,7 +1375,13 @@ mod tests {
             fail_tx,
         )
         .await;
-        assert_eq!(outcome, ModeOutcome { exit_code: Some(3) });
+        assert_eq!(
+            outcome,
+            ModeOutcome {
+                exit_code: Some(3),
+                failed: None
+            }
+        );
         assert_eq!(out, b"out1 out2");
         assert_eq!(err, b"err1");
         assert!(fail_rx.try_recv().is_err(), "no failure reported");
@@ -1448,6 +1457,7 @@ mod tests {
             down,
             console: crate::console::Console { quiet: false },
             options: crate::options::Options::default(),
+            frame_data: 1024,
         };
         let fut = run(ctx);
         assert_send(&fut);
