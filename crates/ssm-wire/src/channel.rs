@@ -163,6 +163,8 @@ pub enum SendError {
     Empty,
     #[error("payload of {0} bytes exceeds the per-message maximum")]
     TooLarge(usize),
+    #[error("the session cipher refused to encrypt the payload")]
+    Encrypt,
 }
 
 /// Counters for logs, tests and benchmarks.

@@ -498,7 +498,7 @@ impl ClientSession {
         let n = data.len().min(self.max_data_chunk());
         let chunk = &data[..n];
         let payload = match &self.cipher {
-            Some(c) => Bytes::from(c.seal(chunk).map_err(|_| SendError::Empty)?),
+            Some(c) => Bytes::from(c.seal(chunk).map_err(|_| SendError::Encrypt)?),
             None => Bytes::copy_from_slice(chunk),
         };
         self.channel.send(now, PayloadType::Output, payload)?;
