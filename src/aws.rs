@@ -889,9 +889,14 @@ async fn read_body(body: SdkBody) -> Result<Zeroizing<Vec<u8>>, String> {
 
 /// Builds the configuration: HTTPS client, region, credential provider, endpoints, retries.
 async fn load(options: &Options) -> Result<Loaded, AwsError> {
-    let tls = tls_context(options)?;
+    // AWS_CA_BUNDLE is checked now, so a bad one fails the session with its own error;
+    // the system roots are loaded only when a connector is first needed (most sessions
+    // sign with local credentials and make no API call).
+    let bundle = ca_bundle_pem(options)?;
     let http = HttpFactory {
-        tls,
+        tls: Arc::default(),
+        bundle: bundle.map(Arc::new),
+        native: !options.isolated,
         proxy: !options.isolated,
     };
     let shared_client = http.shared_client();
@@ -1141,58 +1146,77 @@ fn default_endpoint(service: &str, region: &str, fips: bool, dual_stack: bool) -
     format!("https://{service}{fips}.{region}.{domain}")
 }
 
-/// Trusted roots for API calls: system roots plus `AWS_CA_BUNDLE`, validated up front (the
-/// HTTP client panics on malformed certificates).
-fn tls_context(options: &Options) -> Result<TlsContext, AwsError> {
-    let mut store = TrustStore::empty().with_native_roots(!options.isolated);
-    if let Some(bundle) = &options.ca_bundle {
-        let (name, pem) = match bundle {
-            CaBundle::Path(path) => (
-                path.clone(),
-                std::fs::read(path).map_err(|e| AwsError::CaBundle {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?,
-            ),
-            #[cfg(test)]
-            CaBundle::Pem(pem) => ("(test bundle)".to_owned(), pem.clone()),
-        };
-        let ca_error = |message: String| AwsError::CaBundle {
-            path: name.clone(),
-            message,
-        };
-        let certs = rustls_pemfile::certs(&mut pem.as_slice())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ca_error(format!("not a PEM certificate bundle: {e}")))?;
-        if certs.is_empty() {
-            return Err(ca_error("no certificates in the file".to_owned()));
-        }
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| ca_error(format!("unusable certificate: {e}")))?;
-        }
-        store = store.with_pem_certificate(pem);
+/// The PEM of `AWS_CA_BUNDLE`, validated (the HTTP client panics on malformed
+/// certificates).
+fn ca_bundle_pem(options: &Options) -> Result<Option<Vec<u8>>, AwsError> {
+    let Some(bundle) = &options.ca_bundle else {
+        return Ok(None);
+    };
+    let (name, pem) = match bundle {
+        CaBundle::Path(path) => (
+            path.clone(),
+            std::fs::read(path).map_err(|e| AwsError::CaBundle {
+                path: path.clone(),
+                message: e.to_string(),
+            })?,
+        ),
+        #[cfg(test)]
+        CaBundle::Pem(pem) => ("(test bundle)".to_owned(), pem.clone()),
+    };
+    let ca_error = |message: String| AwsError::CaBundle {
+        path: name.clone(),
+        message,
+    };
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ca_error(format!("not a PEM certificate bundle: {e}")))?;
+    if certs.is_empty() {
+        return Err(ca_error("no certificates in the file".to_owned()));
     }
-    TlsContext::builder()
-        .with_trust_store(store)
-        .build()
-        .map_err(|e| AwsError::CaBundle {
-            path: "TLS configuration".to_owned(),
-            message: e.to_string(),
-        })
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| ca_error(format!("unusable certificate: {e}")))?;
+    }
+    Ok(Some(pem))
 }
 
 /// Builds HTTPS connectors (rustls/ring, our roots, proxies from the environment) for this
 /// module's calls and, through [`SharedHttpClient`], for the credential providers.
 #[derive(Clone, Debug)]
 struct HttpFactory {
-    tls: TlsContext,
+    /// Built on the first connector.
+    tls: Arc<std::sync::OnceLock<TlsContext>>,
+    /// `AWS_CA_BUNDLE`, validated.
+    bundle: Option<Arc<Vec<u8>>>,
+    /// Trust the system roots too.
+    native: bool,
     proxy: bool,
 }
 
 impl HttpFactory {
+    /// Trusted roots for API calls: the system roots from the process-wide loader (read
+    /// once, shared with the data channel, where the SDK's own would read them again)
+    /// plus `AWS_CA_BUNDLE`.
+    fn tls(&self) -> TlsContext {
+        self.tls
+            .get_or_init(|| {
+                let mut store = TrustStore::empty().with_native_roots(false);
+                if self.native {
+                    store = store.with_pem_certificate(crate::roots::system().pem.clone());
+                }
+                if let Some(pem) = &self.bundle {
+                    store = store.with_pem_certificate(pem.as_slice().to_vec());
+                }
+                TlsContext::builder()
+                    .with_trust_store(store)
+                    .build()
+                    .unwrap_or_default()
+            })
+            .clone()
+    }
+
     fn connector(
         &self,
         settings: &HttpConnectorSettings,
@@ -1211,7 +1235,7 @@ impl HttpFactory {
         ));
         builder
             .tls_provider(tls::Provider::Rustls(CryptoMode::Ring))
-            .tls_context(self.tls.clone())
+            .tls_context(self.tls())
             .build()
     }
 

@@ -7,6 +7,7 @@ mod invocation;
 mod logging;
 mod modes;
 mod options;
+mod roots;
 mod session;
 mod terminal;
 mod transport;

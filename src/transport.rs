@@ -1,7 +1,7 @@
 //! The data-channel WebSocket: TLS with rustls, the system's roots plus `AWS_CA_BUNDLE`,
 //! HTTP CONNECT proxies from `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY`, TCP_NODELAY.
 //!
-//! Trust: the platform's certificate store (rustls-native-certs, which also honours
+//! Trust: the platform's certificate store ([`crate::roots`], which also honours
 //! `SSL_CERT_FILE` and `SSL_CERT_DIR`) plus every certificate in the PEM file named by
 //! `AWS_CA_BUNDLE`. Proxies follow the conventions of the official plugin (Go's
 //! `ProxyFromEnvironment`): `wss://` uses `HTTPS_PROXY`/`https_proxy`, `ws://` uses
@@ -53,43 +53,50 @@ pub enum TransportError {
     Timeout(Duration),
 }
 
-/// TLS settings, built once per process.
+/// TLS settings. `AWS_CA_BUNDLE` is read and checked up front; the system roots are
+/// loaded, and the configuration built, on the first `wss://` connection.
 #[derive(Clone)]
 pub struct TlsSettings {
-    config: Arc<rustls::ClientConfig>,
+    extra: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    config: Arc<std::sync::OnceLock<Arc<rustls::ClientConfig>>>,
 }
 
 impl TlsSettings {
     /// System roots plus `ca_bundle` (the value of `AWS_CA_BUNDLE`).
     pub fn new(ca_bundle: Option<&str>) -> Result<TlsSettings, TransportError> {
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for cert in native.certs {
-            let _ = roots.add(cert);
-        }
+        let mut extra = Vec::new();
         if let Some(path) = ca_bundle.filter(|p| !p.is_empty()) {
-            let pem = std::fs::read(path).map_err(|e| TransportError::CaBundle {
+            let bad = |why: String| TransportError::CaBundle {
                 path: path.to_owned(),
-                why: e.to_string(),
-            })?;
-            let mut found = 0;
+                why,
+            };
+            let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+            let mut check = rustls::RootCertStore::empty();
             for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.map_err(|e| TransportError::CaBundle {
-                    path: path.to_owned(),
-                    why: e.to_string(),
-                })?;
-                roots.add(cert).map_err(|e| TransportError::CaBundle {
-                    path: path.to_owned(),
-                    why: e.to_string(),
-                })?;
-                found += 1;
+                let cert = cert.map_err(|e| bad(e.to_string()))?;
+                check.add(cert.clone()).map_err(|e| bad(e.to_string()))?;
+                extra.push(cert);
             }
-            if found == 0 {
-                return Err(TransportError::CaBundle {
-                    path: path.to_owned(),
-                    why: "no PEM certificates in the file".to_owned(),
-                });
+            if extra.is_empty() {
+                return Err(bad("no PEM certificates in the file".to_owned()));
             }
+        }
+        Ok(TlsSettings {
+            extra: Arc::new(extra),
+            config: Arc::default(),
+        })
+    }
+
+    /// The client configuration, built on first use.
+    fn config(&self) -> Result<Arc<rustls::ClientConfig>, TransportError> {
+        if let Some(c) = self.config.get() {
+            return Ok(c.clone());
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        let (_, _) = roots.add_parsable_certificates(crate::roots::system().certs.iter().cloned());
+        for cert in self.extra.iter() {
+            // Checked in `new`.
+            let _ = roots.add(cert.clone());
         }
         if roots.is_empty() {
             return Err(TransportError::NoRoots);
@@ -103,9 +110,7 @@ impl TlsSettings {
             })?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Ok(TlsSettings {
-            config: Arc::new(config),
-        })
+        Ok(self.config.get_or_init(|| Arc::new(config)).clone())
     }
 }
 
@@ -345,7 +350,7 @@ async fn connect_inner(
         None => connect_tcp(&host, port).await?,
     };
     let connector = if secure {
-        Some(Connector::Rustls(tls.config.clone()))
+        Some(Connector::Rustls(tls.config()?))
     } else {
         Some(Connector::Plain)
     };
