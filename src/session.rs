@@ -136,6 +136,8 @@ impl Writer {
 /// takes it. Unpaced, a few chunks keep the driver busy while the mode is scheduled.
 const UP_QUEUE_PACED: usize = 1;
 const UP_QUEUE_UNPACED: usize = 4;
+/// The mode's last word (`~.`, a terminating signal) beside the data queue.
+const URGENT_QUEUE: usize = 2;
 const DOWN_QUEUE: usize = 64;
 
 fn unix_ms() -> u64 {
@@ -177,6 +179,7 @@ struct Driver {
     client_id: String,
     session: ClientSession,
     up_rx: Option<mpsc::Receiver<Up>>,
+    urgent_rx: Option<mpsc::Receiver<Up>>,
     mode: Option<Running>,
     pending_up: Option<Bytes>,
     finishing: Option<(u8, Instant)>,
@@ -203,6 +206,7 @@ impl Driver {
             api,
             session,
             up_rx: None,
+            urgent_rx: None,
             mode: None,
             pending_up: None,
             finishing: None,
@@ -383,6 +387,8 @@ impl Driver {
             let writer_full = writer.tx.capacity() == 0;
             let writer_tx = writer.tx.clone();
             let up_rx = self.up_rx.as_mut();
+            let urgent_rx = self.urgent_rx.as_mut();
+            let urgent_open = urgent_rx.is_some();
             tokio::select! {
                 biased;
                 msg = stream.next(), if wants_input => {
@@ -429,6 +435,14 @@ impl Driver {
                         return code;
                     }
                 }
+                up = recv_opt(urgent_rx), if urgent_open => match up {
+                    Some(up) => {
+                        if let Turn::Exit(code) = self.on_up(Some(up)).await {
+                            return code;
+                        }
+                    }
+                    None => self.urgent_rx = None,
+                },
                 _ = reserve_opt(down_tx), if down_blocked => {}
                 _ = writer_tx.reserve(), if writer_full => {}
                 _ = status.tick(), if tracing::enabled!(tracing::Level::DEBUG) => {
@@ -630,17 +644,20 @@ impl Driver {
                     UP_QUEUE_UNPACED
                 };
                 let (up_tx, up_rx) = mpsc::channel(up_queue);
+                let (urgent_tx, urgent_rx) = mpsc::channel(URGENT_QUEUE);
                 let (down_tx, down_rx) = mpsc::channel(DOWN_QUEUE);
                 let ctx = ModeContext {
                     session_id: self.p.session_id.clone(),
                     info,
                     up: up_tx,
+                    urgent: urgent_tx,
                     down: down_rx,
                     console,
                     options: self.p.options.clone(),
                     frame_data: self.session.max_data_chunk(),
                 };
                 self.up_rx = Some(up_rx);
+                self.urgent_rx = Some(urgent_rx);
                 self.mode = Some(Running {
                     handle: tokio::spawn(modes::run(kind, ctx)),
                     down: Some(down_tx),

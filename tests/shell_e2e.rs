@@ -37,7 +37,11 @@ const TMUX_TARGET: &str = "e2e";
 
 /// A simulator whose shell sessions run `/bin/sh` with a recognisable prompt.
 async fn shell_sim(kms_key_id: Option<&str>) -> Simulator {
-    start_sim_with(SimConfig {
+    start_sim_with(shell_config(kms_key_id)).await
+}
+
+fn shell_config(kms_key_id: Option<&str>) -> SimConfig {
+    SimConfig {
         shell: vec![
             "/usr/bin/env".into(),
             format!("PS1={PROMPT} "),
@@ -45,8 +49,7 @@ async fn shell_sim(kms_key_id: Option<&str>) -> Simulator {
         ],
         kms_key_id: kms_key_id.map(str::to_owned),
         ..Default::default()
-    })
-    .await
+    }
 }
 
 /// Single-quotes `s` for sh.
@@ -198,12 +201,22 @@ struct TermSession {
 
 impl TermSession {
     async fn start(sim: Simulator, req: StartSessionRequest) -> TermSession {
+        TermSession::start_with(sim, req, &[]).await
+    }
+
+    /// With extra environment for the plugin.
+    async fn start_with(
+        sim: Simulator,
+        req: StartSessionRequest,
+        env: &[(&str, &str)],
+    ) -> TermSession {
         let resp = sim.start_session(req.clone()).expect("StartSession");
         let dir = TempDir::new("sh");
         let d = dir.path();
         std::fs::write(d.join("resp.json"), cli_response_json(&resp)).expect("write resp.json");
         let mut script = String::from("#!/bin/sh\n");
-        for (k, v) in base_env(&sim, d) {
+        let extra = env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()));
+        for (k, v) in base_env(&sim, d).into_iter().chain(extra) {
             script.push_str(&format!("export {k}={}\n", sq(&v)));
         }
         script.push_str(&format!(
@@ -541,6 +554,58 @@ async fn tilde_dot_calls_terminate_session() {
         s.sim.api_calls()
     );
     s.sim.wait_closed(&s.id, STEP).await.expect("session ended");
+}
+
+/// An agent that stopped acknowledging holds the plugin's send window full (one frame
+/// here): `~.` still ends the session at once through TerminateSession, and SIGTERM still
+/// exits 143 (after the bounded flush), instead of both waiting behind the typed data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tilde_dot_and_sigterm_work_while_the_agent_is_stalled() {
+    for sigterm in [false, true] {
+        let sim = start_sim_with(SimConfig {
+            stall_input_after: Some(0),
+            ..shell_config(None)
+        })
+        .await;
+        let s = TermSession::start_with(
+            sim,
+            StartSessionRequest::shell(),
+            &[
+                ("SSM_PLUGIN_WINDOW_PACKETS", "1"),
+                ("SSM_PLUGIN_FLUSH_TIMEOUT", "1"),
+            ],
+        )
+        .await;
+        s.wait_started().await;
+        // The first keystroke takes the window; the rest waits in the plugin.
+        s.tmux.send_text("typed while stalled").await;
+        s.tmux.send_key("Enter").await;
+        let stalled = Instant::now() + STEP;
+        while s.sim.stats(&s.id).expect("stats").stalled_frames_ignored == 0 {
+            assert!(
+                Instant::now() < stalled,
+                "the agent never stalled{}",
+                s.dump().await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if sigterm {
+            let pid = s.plugin_pid();
+            // SAFETY: kill(2) on the pid of the plugin this test started.
+            let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+            assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+            assert_eq!(s.wait_status(EXIT).await, 143, "{}", s.dump().await);
+        } else {
+            s.tmux.send_text("~.").await;
+            assert_eq!(s.wait_status(EXIT).await, 0, "{}", s.dump().await);
+            assert!(
+                s.sim.stats(&s.id).expect("stats").terminate_called,
+                "TerminateSession was not called{}",
+                s.dump().await
+            );
+        }
+        s.assert_restored();
+    }
 }
 
 /// SIGTERM: the terminal is restored and the plugin exits with 128 + 15.

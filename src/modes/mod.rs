@@ -52,6 +52,10 @@ pub struct ModeContext {
     pub session_id: String,
     pub info: SessionInfo,
     pub up: mpsc::Sender<Up>,
+    /// For [`Up::TerminateApi`] and [`Up::Finish`] when what is queued on `up` no longer
+    /// matters: the driver reads it even while the channel takes no data (an agent that
+    /// stopped acknowledging), so `~.` and SIGTERM act at once.
+    pub urgent: mpsc::Sender<Up>,
     pub down: mpsc::Receiver<Down>,
     pub console: Console,
     pub options: Options,

@@ -214,7 +214,7 @@ async fn on_signal(ctx: &ModeContext, use_flag: bool) {
         ));
         let _ = ctx.up.send(Up::Finish(exit::OK)).await;
     } else {
-        let _ = ctx.up.send(Up::TerminateApi).await;
+        let _ = ctx.urgent.send(Up::TerminateApi).await;
     }
 }
 

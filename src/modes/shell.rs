@@ -35,6 +35,10 @@
 //! 128 + signal number ([`Up::Finish`]; the driver flushes, bounded, and exits). A second
 //! SIGTERM/SIGHUP while the driver is still flushing exits immediately.
 //!
+//! `~.` and the terminating signals are the session's last word: they go on the driver's
+//! urgent queue, past input not yet handed over (which is dropped), so they act at once
+//! even when an agent that stopped acknowledging keeps the data queue full.
+//!
 //! # Exit paths and the terminal
 //!
 //! - down queue closed (channel_closed, driver done): [`run`] restores and returns;
@@ -84,7 +88,13 @@ pub const ESCAPES_DISABLED: &str = "\r\nEscape sequences disabled for this sessi
 
 /// Runs a shell session until the driver closes the down queue.
 pub async fn run(ctx: ModeContext) -> ModeOutcome {
-    let ModeContext { up, down, info, .. } = ctx;
+    let ModeContext {
+        up,
+        urgent,
+        down,
+        info,
+        ..
+    } = ctx;
     let interactive = io::stdin().is_terminal();
     let guard = if interactive {
         match RawModeGuard::stdin() {
@@ -113,6 +123,7 @@ pub async fn run(ctx: ModeContext) -> ModeOutcome {
     );
     let input = Input {
         up: &up,
+        urgent: &urgent,
         guard: guard.as_ref(),
         raw: guard.is_some(),
         escapes: Escapes::new(interactive),
@@ -286,6 +297,8 @@ trait SignalSource {
 /// while the driver is not accepting data.
 struct Input<'a, S> {
     up: &'a mpsc::Sender<Up>,
+    /// The driver's urgent queue: the final message, past any data still queued.
+    urgent: &'a mpsc::Sender<Up>,
     guard: Option<&'a RawModeGuard>,
     /// stdin is a terminal in raw mode: EOF there means hang-up.
     raw: bool,
@@ -381,11 +394,7 @@ impl<S: SignalSource> Input<'_, S> {
                 EscapeAction::Terminate => {
                     tracing::info!("escape sequence ~. received, terminating the session");
                     self.restore();
-                    // Whatever is still queued no longer matters.
-                    self.pending.clear();
-                    self.pending_bytes = 0;
-                    self.push(Up::TerminateApi);
-                    self.finished = true;
+                    self.last_word(Up::TerminateApi);
                     return;
                 }
             }
@@ -451,8 +460,21 @@ impl<S: SignalSource> Input<'_, S> {
             return;
         }
         self.restore();
-        self.push(Up::Finish(status));
+        self.last_word(Up::Finish(status));
+    }
+
+    /// Ends the input: input not yet handed to the driver no longer matters, and `msg`
+    /// goes on the urgent queue, which the driver reads even while an agent that stopped
+    /// acknowledging holds the data queue (the official plugin calls TerminateSession
+    /// from `~.` directly, too).
+    fn last_word(&mut self, msg: Up) {
+        self.pending.clear();
+        self.pending_bytes = 0;
         self.finished = true;
+        if let Err(e) = self.urgent.try_send(msg) {
+            // Only ever one message on a queue of two: it is closed, the driver is gone.
+            tracing::debug!("driver gone; final message dropped: {e}");
+        }
     }
 
     fn restore(&self) {
@@ -1108,6 +1130,30 @@ mod tests {
         PRINTED.lock().unwrap().push(s.to_owned());
     }
 
+    /// An input side on fake signals, size and printing.
+    fn fake_input<'a>(
+        up: &'a mpsc::Sender<Up>,
+        urgent: &'a mpsc::Sender<Up>,
+        raw: bool,
+        escapes: bool,
+        signals: mpsc::Receiver<SignalEvent>,
+    ) -> Input<'a, FakeSignals> {
+        Input {
+            up,
+            urgent,
+            guard: None,
+            raw,
+            escapes: Escapes::new(escapes),
+            signals: FakeSignals(signals),
+            size: &fake_size,
+            print: &fake_print,
+            last_size: None,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            finished: false,
+        }
+    }
+
     /// Runs the input side of a session on fake sources until `script` finishes.
     async fn with_input<F, Fut>(raw: bool, escapes: bool, script: F)
     where
@@ -1118,20 +1164,7 @@ mod tests {
         let (stdin_tx, stdin_rx) = mpsc::channel(4);
         let (sig_tx, sig_rx) = mpsc::channel(4);
         let (fail_tx, fail_rx) = oneshot::channel();
-        let input = Input {
-            up: &up_tx,
-            guard: None,
-            raw,
-            escapes: Escapes::new(escapes),
-            signals: FakeSignals(sig_rx),
-            size: &fake_size,
-            print: &fake_print,
-            last_size: None,
-            pending: VecDeque::new(),
-            pending_bytes: 0,
-            finished: false,
-        }
-        .run(stdin_rx, fail_rx);
+        let input = fake_input(&up_tx, &up_tx, raw, escapes, sig_rx).run(stdin_rx, fail_rx);
         let harness = Harness {
             up: up_rx,
             stdin: stdin_tx,
@@ -1195,6 +1228,49 @@ mod tests {
             assert_eq!(data(next_up(&mut h).await), [0x1c]);
         })
         .await;
+    }
+
+    /// `~.` and a terminating signal reach the driver through the urgent queue even while
+    /// the data queue is full (an agent that stopped acknowledging holds it).
+    #[tokio::test]
+    async fn last_word_passes_a_full_data_queue() {
+        let cases: [(&[u8], Option<SignalEvent>); 2] =
+            [(b"x\r~.", None), (b"x", Some(SignalEvent::Terminate(143)))];
+        for (typed, signal) in cases {
+            let (up_tx, mut up_rx) = mpsc::channel(1);
+            let (urgent_tx, mut urgent_rx) = mpsc::channel(2);
+            let (stdin_tx, stdin_rx) = mpsc::channel(4);
+            let (sig_tx, sig_rx) = mpsc::channel(4);
+            let (_fail_tx, fail_rx) = oneshot::channel();
+            let input = fake_input(&up_tx, &urgent_tx, true, true, sig_rx).run(stdin_rx, fail_rx);
+            let script = async {
+                // The first Size message fills the data queue, and nobody reads it.
+                stdin_tx
+                    .send(StdinEvent::Data(Bytes::copy_from_slice(typed)))
+                    .await
+                    .unwrap();
+                if let Some(sig) = signal {
+                    consumed(&stdin_tx).await;
+                    sig_tx.send(sig).await.unwrap();
+                }
+                let last =
+                    tokio::time::timeout(std::time::Duration::from_secs(5), urgent_rx.recv())
+                        .await
+                        .expect("the final message on the urgent queue")
+                        .expect("urgent queue open");
+                match signal {
+                    None => assert!(matches!(last, Up::TerminateApi), "{last:?}"),
+                    Some(_) => assert!(matches!(last, Up::Finish(143)), "{last:?}"),
+                }
+            };
+            tokio::select! {
+                () = input => panic!("input side ended"),
+                () = script => {}
+            }
+            // The data queue still holds only the Size message: the typed bytes were dropped.
+            assert!(matches!(up_rx.try_recv(), Ok(Up::Size(_))));
+            assert!(up_rx.try_recv().is_err());
+        }
     }
 
     #[tokio::test]
@@ -1296,33 +1372,6 @@ mod tests {
             }
             assert!(matches!(next_up(&mut h).await, Up::Finish(STATUS_SIGPIPE)));
             no_more_up(&mut h).await;
-        })
-        .await;
-    }
-
-    #[tokio::test]
-    async fn signals_are_handled_while_the_driver_is_not_taking_data() {
-        with_input(true, false, |mut h| async move {
-            // The driver does not read; the queue (capacity 2) fills with Size and data.
-            for _ in 0..4 {
-                h.stdin
-                    .send(StdinEvent::Data(Bytes::from_static(b"x")))
-                    .await
-                    .unwrap();
-            }
-            consumed(&h.stdin).await;
-            h.signals.send(SignalEvent::Terminate(129)).await.unwrap();
-            // Everything read before the signal still arrives, then Finish.
-            assert!(matches!(next_up(&mut h).await, Up::Size(_)));
-            let mut got = Vec::new();
-            loop {
-                match next_up(&mut h).await {
-                    Up::Data(b) => got.extend_from_slice(&b),
-                    Up::Finish(129) => break,
-                    other => panic!("unexpected {other:?}"),
-                }
-            }
-            assert_eq!(got, b"xxxx");
         })
         .await;
     }
@@ -1453,7 +1502,8 @@ mod tests {
                 agent_version: String::new(),
                 encrypted: false,
             },
-            up,
+            up: up.clone(),
+            urgent: up,
             down,
             console: crate::console::Console { quiet: false },
             options: crate::options::Options::default(),

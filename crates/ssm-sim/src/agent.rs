@@ -120,6 +120,8 @@ enum Processed {
 }
 
 struct Agent {
+    /// Output messages taken from the client (for `SimConfig::stall_input_after`).
+    outputs_taken: u64,
     session: Arc<SessionShared>,
     kms: Arc<KmsStore>,
     rng: StdRng,
@@ -185,6 +187,7 @@ pub(crate) fn spawn(
         rttvar: 0.0,
         rto: Duration::from_millis(200),
         paused: false,
+        outputs_taken: 0,
         expected: 0,
         reorder: BTreeMap::new(),
         handshake: Handshake::NotStarted,
@@ -678,6 +681,18 @@ impl Agent {
             return;
         }
         match msg.message_type {
+            MessageType::InputStreamData if msg.payload_type == PayloadType::Output => {
+                if let Some(n) = self.session.config.stall_input_after {
+                    if self.outputs_taken >= n {
+                        self.session.update_stats(|s| s.stalled_frames_ignored += 1);
+                        return;
+                    }
+                    if msg.sequence_number == self.expected {
+                        self.outputs_taken += 1;
+                    }
+                }
+                self.on_stream(msg)
+            }
             MessageType::InputStreamData => self.on_stream(msg),
             MessageType::Acknowledge => self.on_ack(&msg),
             MessageType::StartPublication => self.paused = false,

@@ -81,6 +81,10 @@ pub struct SimConfig {
     /// after handing the response to the handshake goroutine. `true` reproduces the other
     /// side of that race (and this simulator's order before 1.3.1).
     pub ack_handshake_after_complete: bool,
+    /// After this many Output messages from the client, the agent ignores every further
+    /// one (no ack, no delivery), as an agent that hung would: for tests of what the
+    /// plugin can still do when its send window stays full.
+    pub stall_input_after: Option<u64>,
 }
 
 impl Default for SimConfig {
@@ -109,6 +113,7 @@ impl Default for SimConfig {
             retransmit: RetransmitPolicy::HeadOnly,
             reconnect_resend: ReconnectResend::Paced,
             ack_handshake_after_complete: false,
+            stall_input_after: None,
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct SessionStats {
     pub duplicates_received: u64,
     /// Client frames that failed to decode or validate (dropped, not acked).
     pub invalid_frames_received: u64,
+    /// Client frames ignored by a stalled agent (`SimConfig::stall_input_after`).
+    pub stalled_frames_ignored: u64,
     /// In-order messages not acked because the session handler was busy (the client must
     /// retransmit them).
     pub handler_not_ready: u64,
