@@ -430,11 +430,8 @@ impl Driver {
                 _ = sleep_until_opt(wake) => {
                     self.session.handle_timeout(Instant::now().into_std());
                 }
-                up = recv_opt(up_rx), if can_take_up => {
-                    if let Turn::Exit(code) = self.on_up(up).await {
-                        return code;
-                    }
-                }
+                // Before the data queue: a mode sends its last word here and then ends,
+                // and the end of the data queue must not be taken for the whole story.
                 up = recv_opt(urgent_rx), if urgent_open => match up {
                     Some(up) => {
                         if let Turn::Exit(code) = self.on_up(Some(up)).await {
@@ -443,6 +440,11 @@ impl Driver {
                     }
                     None => self.urgent_rx = None,
                 },
+                up = recv_opt(up_rx), if can_take_up => {
+                    if let Turn::Exit(code) = self.on_up(up).await {
+                        return code;
+                    }
+                }
                 _ = reserve_opt(down_tx), if down_blocked => {}
                 _ = writer_tx.reserve(), if writer_full => {}
                 _ = status.tick(), if tracing::enabled!(tracing::Level::DEBUG) => {

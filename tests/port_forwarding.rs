@@ -122,6 +122,68 @@ async fn mux_printed_lines_are_byte_exact() {
     sigint_and_check(&sim, &mut p).await;
 }
 
+/// An agent that stopped acknowledging holds the send window full (one frame here):
+/// SIGINT still sends the TerminateSession flag and exits at once, instead of waiting
+/// behind the queued upload for a second signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_works_while_the_agent_is_stalled() {
+    let sim = start_sim().await;
+    let echo = echo_server().await;
+    let req = StartSessionRequest::port_forwarding(echo.port, 0);
+    let cfg = SimConfig {
+        stall_input_after: Some(0),
+        ..SimConfig::default()
+    };
+    let mut p = start_plugin(
+        &sim,
+        &req,
+        Some(cfg),
+        &[
+            ("SSM_PLUGIN_WINDOW_PACKETS", "1"),
+            ("SSM_PLUGIN_FLUSH_TIMEOUT", "2"),
+        ],
+        false,
+    );
+    let id = p.session_id.clone();
+    p.expect_stdout("Waiting for connections...\n", START).await;
+    let port = parse_opened_port(&p.stdout.text()).expect("port");
+    // A client that keeps writing: the SYN takes the window, the rest queues.
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let writer = tokio::spawn(async move {
+        let chunk = vec![7u8; 64 * 1024];
+        while client.write_all(&chunk).await.is_ok() {}
+    });
+    let deadline = tokio::time::Instant::now() + START;
+    while sim.stats(&id).unwrap().stalled_frames_ignored == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never stalled{}",
+            p.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.signal(SIGINT);
+    let status = p.wait_exit(EXIT).await;
+    let out = p.stdout.text();
+    assert!(
+        out.contains("Terminate signal received, exiting.\n") && out.ends_with(&exiting_line(&id)),
+        "missing lines{}",
+        p.dump()
+    );
+    assert_eq!(status.code(), Some(0), "exit status{}", p.dump());
+    // The flag went out past the full window: the stalled agent ignores Output messages
+    // before anything counts them, so the one message it saw out of order (behind the
+    // data it ignored, held unprocessed as a hung agent would) is the flag.
+    assert!(
+        sim.stats(&id).unwrap().out_of_order_received >= 1,
+        "no flag frame reached the agent{}",
+        p.dump()
+    );
+    writer.abort();
+}
+
 /// localPortNumber 0 gives a real port; curl downloads a multi-MB body twice through it
 /// (sha256 checked); the "Connection accepted" line appears once; SIGINT ends it cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -207,12 +207,14 @@ async fn on_signal(ctx: &ModeContext, use_flag: bool) {
         std::process::exit(i32::from(exit::OK));
     });
     if use_flag {
-        let _ = ctx.up.send(Up::Flag(Flag::TerminateSession)).await;
+        // On the urgent queue: data still queued no longer matters, and an agent that
+        // stopped acknowledging must not keep the flag (and the exit) waiting.
+        let _ = ctx.urgent.send(Up::Flag(Flag::TerminateSession)).await;
         console.status(&format!(
             "\n\nExiting session with sessionId: {}.\n\n",
             ctx.session_id
         ));
-        let _ = ctx.up.send(Up::Finish(exit::OK)).await;
+        let _ = ctx.urgent.send(Up::Finish(exit::OK)).await;
     } else {
         let _ = ctx.urgent.send(Up::TerminateApi).await;
     }

@@ -419,15 +419,44 @@ impl Channel {
         payload_type: PayloadType,
         payload: Bytes,
     ) -> Result<i64, SendError> {
+        self.check_payload(&payload)?;
+        if !self.can_send() {
+            return Err(SendError::WindowFull);
+        }
+        self.enqueue(now, payload_type, payload)
+    }
+
+    /// Like [`Channel::send`], but past the send window and the queue limit: for a small
+    /// control message that must not wait behind user data (TerminateSession when the
+    /// user gives up on a stalled agent). The window is this end's own limit; the agent
+    /// buffers thousands of messages, so one more costs nothing. Never for user data.
+    pub fn send_control(
+        &mut self,
+        now: Instant,
+        payload_type: PayloadType,
+        payload: Bytes,
+    ) -> Result<i64, SendError> {
+        self.check_payload(&payload)?;
+        self.enqueue(now, payload_type, payload)
+    }
+
+    fn check_payload(&self, payload: &[u8]) -> Result<(), SendError> {
         if payload.is_empty() {
             return Err(SendError::Empty);
         }
         if payload.len() > self.config.max_payload.max(1) {
             return Err(SendError::TooLarge(payload.len()));
         }
-        if !self.can_send() {
-            return Err(SendError::WindowFull);
-        }
+        Ok(())
+    }
+
+    /// Numbers, encodes and queues one message.
+    fn enqueue(
+        &mut self,
+        now: Instant,
+        payload_type: PayloadType,
+        payload: Bytes,
+    ) -> Result<i64, SendError> {
         let seq = self.next_seq;
         self.next_seq += 1;
         let payload_len = payload.len();

@@ -511,9 +511,10 @@ impl ClientSession {
         self.channel.send(now, PayloadType::Size, Bytes::from(body))
     }
 
-    /// Sends a Flag message (DisconnectToPort, TerminateSession).
+    /// Sends a Flag message (DisconnectToPort, TerminateSession), past the send window
+    /// ([`crate::channel::Channel::send_control`]): callers order it after data themselves.
     pub fn send_flag(&mut self, now: Instant, flag: Flag) -> Result<i64, SendError> {
-        self.channel.send(
+        self.channel.send_control(
             now,
             PayloadType::Flag,
             Bytes::copy_from_slice(&flag.encode()),

@@ -322,6 +322,16 @@ fn window_bounds_in_flight_data_and_reports_backpressure() {
         ch.send(start, PayloadType::Output, Bytes::new()),
         Err(SendError::Empty)
     );
+    // A control message goes past the full window, numbered after the data.
+    let seq = ch
+        .send_control(start, PayloadType::Flag, Bytes::from_static(&[0, 0, 0, 2]))
+        .unwrap();
+    assert_eq!(seq, 4);
+    assert_eq!(ch.in_flight(), 5);
+    assert_eq!(
+        ch.send_control(start, PayloadType::Flag, Bytes::new()),
+        Err(SendError::Empty)
+    );
 }
 
 #[test]
