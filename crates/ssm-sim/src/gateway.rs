@@ -250,14 +250,14 @@ where
     let a2c = netem::spawn_link(
         imp,
         session.rng(0x100 + u64::from(conn_id) * 2),
-        session.clone(),
+        Some(session.clone()),
         out_tx,
         LINK_CAPACITY,
     );
     let c2a = netem::spawn_link(
         imp,
         session.rng(0x101 + u64::from(conn_id) * 2),
-        session.clone(),
+        Some(session.clone()),
         session.events.clone(),
         LINK_CAPACITY,
     );

@@ -61,6 +61,7 @@ pub use config::{
     DropTrigger, DropWebSocket, ReconnectResend, RetransmitPolicy, SimConfig, DEFAULT_AGENT_VERSION,
 };
 pub use kms::KmsRequest;
+pub use netem::link_overshoot;
 pub use ssm_wire::payload::StartSessionResponse;
 pub use stats::SessionStats;
 

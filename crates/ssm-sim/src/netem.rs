@@ -77,7 +77,7 @@ impl<T> Ord for Pending<T> {
 pub(crate) fn spawn_link<T: Clone + Send + 'static>(
     imp: Impairment,
     mut rng: StdRng,
-    session: Arc<SessionShared>,
+    session: Option<Arc<SessionShared>>,
     output: mpsc::Sender<T>,
     input_capacity: usize,
 ) -> mpsc::Sender<(T, bool)> {
@@ -86,7 +86,7 @@ pub(crate) fn spawn_link<T: Clone + Send + 'static>(
         tokio::spawn(async move {
             while let Some((item, impairable)) = rx.recv().await {
                 if impairable && imp.loss > 0.0 && rng.gen_bool(imp.loss.min(1.0)) {
-                    session.update_stats(|s| s.netem_lost += 1);
+                    count(&session, |s| s.netem_lost += 1);
                     continue;
                 }
                 if output.send(item).await.is_err() {
@@ -110,15 +110,15 @@ pub(crate) fn spawn_link<T: Clone + Send + 'static>(
             let mut extra = Duration::ZERO;
             if impairable {
                 if imp.loss > 0.0 && rng.gen_bool(imp.loss.min(1.0)) {
-                    session.update_stats(|s| s.netem_lost += 1);
+                    count(&session, |s| s.netem_lost += 1);
                     continue;
                 }
                 if imp.duplicate > 0.0 && rng.gen_bool(imp.duplicate.min(1.0)) {
-                    session.update_stats(|s| s.netem_duplicated += 1);
+                    count(&session, |s| s.netem_duplicated += 1);
                     copies = 2;
                 }
                 if imp.reorder > 0.0 && rng.gen_bool(imp.reorder.min(1.0)) {
-                    session.update_stats(|s| s.netem_reordered += 1);
+                    count(&session, |s| s.netem_reordered += 1);
                     let max_extra = 10 + imp.latency.as_millis().min(1000) as u64;
                     extra = Duration::from_millis(rng.gen_range(2..=max_extra));
                 }
@@ -143,6 +143,40 @@ pub(crate) fn spawn_link<T: Clone + Send + 'static>(
         }
     });
     tx
+}
+
+fn count(session: &Option<Arc<SessionShared>>, f: impl FnOnce(&mut crate::SessionStats)) {
+    if let Some(s) = session {
+        s.update_stats(f);
+    }
+}
+
+/// The simulator's own share of a delayed link's latency on this machine: `samples`
+/// items sent one at a time through a link of `latency` (as the gateway's links run),
+/// each timed from entering the link to reaching the task that reads its output, less
+/// `latency`. Sorted.
+pub async fn link_overshoot(latency: Duration, samples: usize) -> Vec<Duration> {
+    use rand::SeedableRng;
+    let imp = Impairment {
+        latency,
+        loss: 0.0,
+        duplicate: 0.0,
+        reorder: 0.0,
+    };
+    let (out_tx, mut out_rx) = mpsc::channel::<Instant>(4);
+    let link = spawn_link(imp, StdRng::seed_from_u64(0), None, out_tx, 4);
+    let mut over = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        if link.send((Instant::now(), false)).await.is_err() {
+            break;
+        }
+        let Some(sent) = out_rx.recv().await else {
+            break;
+        };
+        over.push(sent.elapsed().saturating_sub(latency));
+    }
+    over.sort();
+    over
 }
 
 /// The link's thread: holds items until their instant, then hands them to `output`.

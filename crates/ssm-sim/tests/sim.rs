@@ -616,3 +616,19 @@ async fn tls_quirks_and_malformed_frames() {
     assert!(c.invalid_frames > 0);
     assert_eq!(s.upgrade_headers.len(), 1);
 }
+
+/// A delayed link holds every item for its latency, and the measured overshoot is what
+/// comes on top (the bench subtracts it to tell the plugin's latency from the sim's).
+#[tokio::test(flavor = "current_thread")]
+async fn link_overshoot_holds_items_for_the_latency() {
+    let latency = std::time::Duration::from_millis(5);
+    let start = std::time::Instant::now();
+    let over = ssm_sim::link_overshoot(latency, 20).await;
+    assert_eq!(over.len(), 20);
+    assert!(over.windows(2).all(|w| w[0] <= w[1]), "sorted");
+    assert!(
+        start.elapsed() >= latency * 20,
+        "items came out early: {:?}",
+        start.elapsed()
+    );
+}

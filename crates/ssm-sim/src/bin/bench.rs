@@ -916,6 +916,12 @@ const FIGURES: &[FigureDef] = &[
         Better::Lower,
     ),
     fig(
+        "echo_real_sim",
+        "  of which the sim's delay threads",
+        "ms",
+        Better::Info,
+    ),
+    fig(
         "load_p50",
         "echo under upload, loopback, p50",
         "ms",
@@ -1341,6 +1347,16 @@ impl Bench {
             percentile(&rtts, 50.0) - minus,
             percentile(&rtts, 99.0) - minus,
         );
+        if realistic_profile {
+            // The simulator's delay threads take their share of every trip (a wake-up of
+            // their own and one of the runtime, each way): measured here, on this machine,
+            // right after the series, so the plugin's share can be told apart.
+            let over = ssm_sim::link_overshoot(profile.latency, 200).await;
+            if !over.is_empty() {
+                let median = over[over.len() / 2].as_secs_f64() * 1e3;
+                self.res.add("echo_real_sim", who, 2.0 * median);
+            }
+        }
         let (k50, k99) = match kind {
             EchoKind::Loopback => ("echo_p50", "echo_p99"),
             EchoKind::Unpaced => ("echo_np_p50", "echo_np_p99"),
@@ -1736,7 +1752,8 @@ fn method_notes(opts: &Opts, plugins: &[PluginSpec], res: &Results, load_start: 
         "echo: 1-byte round trips on one connection after 3 warm-up trips; loopback {} trips \
          (A at default pacing, where 2 frames per trip meet A's 950 frames/s budget, and again \
          with A's pacing off: the plugin's own latency); realistic {} trips, minus the sim's \
-         2 x {} ms.",
+         2 x {} ms; 'of which the sim's delay threads' is 2 x the median time 200 items \
+         spend in one of the sim's delayed links beyond its latency, measured after the series.",
         opts.echo_trips,
         opts.real_echo_trips,
         REAL_LATENCY.as_millis()
@@ -1822,6 +1839,7 @@ fn targets(res: &Results, plugins: &[PluginSpec]) -> Vec<(String, Option<bool>, 
         None => (None, "not measured".to_owned()),
     };
     let lat2 = 2.0 * REAL_LATENCY.as_secs_f64() * 1e3;
+    let minus = |x: Option<f64>, y: Option<f64>| Some(x? - y?);
     // Loaded RTT p99 over unloaded RTT p99 (both with the sim's latency added back).
     let loaded = |k: &str, unloaded: &str, plus: f64| match (a(k), a(unloaded)) {
         (Some(x), Some(y)) => {
@@ -1861,8 +1879,8 @@ fn targets(res: &Results, plugins: &[PluginSpec]) -> Vec<(String, Option<bool>, 
             abs(a("echo_np_p99"), 2.0, "ms"),
         ),
         (
-            "echo added p50 <= 0.3 ms (realistic)",
-            abs(a("echo_real_p50"), 0.3, "ms"),
+            "echo added p50 <= 0.3 ms (realistic, less the sim's delay threads)",
+            abs(minus(a("echo_real_p50"), a("echo_real_sim")), 0.3, "ms"),
         ),
         (
             "echo added p99 <= 2 ms (realistic)",
