@@ -369,12 +369,20 @@ impl Driver {
                 .poll_timeout()
                 .map(Instant::from_std);
             let finish_at = self.finishing.map(|(_, d)| d);
-            let wake = match (timer, finish_at) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            // Paced, user data is taken only when a token is there to send it: what waits
+            // for a token waits in the mode's single slot, where a keystroke on another
+            // connection can still go first, not in the channel's queue.
+            let next_send = self
+                .session
+                .channel_mut()
+                .next_send_at(now.into_std())
+                .map(Instant::from_std);
+            // Until that token the data queue is not watched, so wake for it: once a
+            // token is there, the queue is watched again (one wake-up per burst at most).
+            let wake = [timer, finish_at, next_send].into_iter().flatten().min();
             let can_take_up = self.finishing.is_none()
                 && self.pending_up.is_none()
+                && next_send.is_none()
                 && self.session.channel().can_send();
             // Events are left only when the mode's queue was full; wait for room. (Testing
             // the queue's capacity here instead would race with the mode taking an item.)

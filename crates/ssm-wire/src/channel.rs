@@ -374,6 +374,17 @@ impl Channel {
             && self.unacked.len() - self.next_unsent < self.config.max_queued.max(1)
     }
 
+    /// When a new message could go out: `None` if the pacer has a token now (or pacing is
+    /// off), else the instant the next token comes. A driver that holds user data back
+    /// until then keeps it out of the queue, where a later keystroke would wait behind it.
+    pub fn next_send_at(&mut self, now: Instant) -> Option<Instant> {
+        if self.pacer.ready(now) {
+            None
+        } else {
+            self.pacer.next_token_at()
+        }
+    }
+
     /// Messages sent or queued and not yet acknowledged.
     pub fn in_flight(&self) -> usize {
         self.unacked.len()

@@ -627,3 +627,45 @@ fn later_acknowledgements_resend_a_lost_message_before_its_timer() {
     assert_eq!(client.stats().fast_retransmits, 1);
     assert_eq!(client.poll_transmit(t), None, "only the lost one");
 }
+
+/// `next_send_at` says when the pacer will let the next message out: nothing while a
+/// token is there, the token's instant once the bucket is empty, nothing unpaced.
+#[test]
+fn next_send_at_follows_the_pacer() {
+    let start = Instant::now();
+    let mut ch = Channel::new(
+        Role::Client,
+        ChannelConfig {
+            packets_per_second: Some(1000.0),
+            pacing_burst: 1,
+            ..Default::default()
+        },
+        start,
+        1,
+    );
+    assert_eq!(ch.next_send_at(start), None);
+    ch.send(start, PayloadType::Output, Bytes::from_static(b"x"))
+        .unwrap();
+    assert!(ch.poll_transmit(start).is_some());
+    let at = ch.next_send_at(start).expect("bucket empty");
+    let wait = at - start;
+    assert!(
+        wait > Duration::from_micros(900) && wait <= Duration::from_micros(1001),
+        "{wait:?}"
+    );
+    assert_eq!(ch.next_send_at(at), None, "the token is there at its instant");
+    let mut unpaced = Channel::new(
+        Role::Client,
+        ChannelConfig {
+            packets_per_second: None,
+            ..Default::default()
+        },
+        start,
+        1,
+    );
+    unpaced
+        .send(start, PayloadType::Output, Bytes::from_static(b"x"))
+        .unwrap();
+    assert!(unpaced.poll_transmit(start).is_some());
+    assert_eq!(unpaced.next_send_at(start), None);
+}
