@@ -653,7 +653,11 @@ fn next_send_at_follows_the_pacer() {
         wait > Duration::from_micros(900) && wait <= Duration::from_micros(1001),
         "{wait:?}"
     );
-    assert_eq!(ch.next_send_at(at), None, "the token is there at its instant");
+    assert_eq!(
+        ch.next_send_at(at),
+        None,
+        "the token is there at its instant"
+    );
     let mut unpaced = Channel::new(
         Role::Client,
         ChannelConfig {
