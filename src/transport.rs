@@ -93,7 +93,7 @@ impl TlsSettings {
             return Ok(c.clone());
         }
         let mut roots = rustls::RootCertStore::empty();
-        let (_, _) = roots.add_parsable_certificates(crate::roots::system().certs.iter().cloned());
+        roots.add_parsable_certificates(crate::roots::system().certs.iter().cloned());
         for cert in self.extra.iter() {
             // Checked in `new`.
             let _ = roots.add(cert.clone());

@@ -726,7 +726,11 @@ mod tests {
         // The keystroke stream drained and left the turns; the bulk streams rotate on.
         next_turn(&mut mux, &mut locals, &mut turns, 1016);
         out.extend(mux.poll_output());
-        assert!(!locals.contains_key(&key) || locals[&key].pending.is_empty());
+        assert!(locals[&key].pending.is_empty());
+        assert!(
+            !turns.fresh.contains(&key) && !turns.busy.contains(&key),
+            "a drained stream leaves the turns"
+        );
         let got = frames(&out);
         assert_eq!(got.len(), 4);
         assert_eq!(got[0].0, bulk[0]);

@@ -668,6 +668,24 @@ async fn echo(port: u16, trips: usize, deadline: Instant) -> Result<Vec<f64>, St
     Ok(rtts)
 }
 
+/// The simulator's configured round trip (both directions' latency) in ms, for the
+/// realistic profile; 0 on loopback.
+fn sim_rtt_ms(profile: &SimConfig, realistic: bool) -> f64 {
+    if realistic {
+        2.0 * profile.latency.as_secs_f64() * 1e3
+    } else {
+        0.0
+    }
+}
+
+/// p50 and p99 of sorted round trips, less `minus` ms.
+fn p50_p99(sorted: &[f64], minus: f64) -> (f64, f64) {
+    (
+        percentile(sorted, 50.0) - minus,
+        percentile(sorted, 99.0) - minus,
+    )
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -1338,15 +1356,8 @@ impl Bench {
         let r = echo(sess.port, trips, self.deadline()).await;
         let exit = self.finish(sess).await;
         let rtts = sorted(r?);
-        let minus = if realistic_profile {
-            2.0 * profile.latency.as_secs_f64() * 1e3
-        } else {
-            0.0
-        };
-        let (p50, p99) = (
-            percentile(&rtts, 50.0) - minus,
-            percentile(&rtts, 99.0) - minus,
-        );
+        let minus = sim_rtt_ms(&profile, realistic_profile);
+        let (p50, p99) = p50_p99(&rtts, minus);
         if realistic_profile {
             // The simulator's delay threads take their share of every trip (a wake-up of
             // their own and one of the runtime, each way): measured here, on this machine,
@@ -1421,15 +1432,8 @@ impl Bench {
         let exit = self.finish(sess).await;
         let (rtts, bulk) = result?;
         let rtts = sorted(rtts);
-        let minus = if realistic_profile {
-            2.0 * profile.latency.as_secs_f64() * 1e3
-        } else {
-            0.0
-        };
-        let (p50, p99) = (
-            percentile(&rtts, 50.0) - minus,
-            percentile(&rtts, 99.0) - minus,
-        );
+        let minus = sim_rtt_ms(&profile, realistic_profile);
+        let (p50, p99) = p50_p99(&rtts, minus);
         let (k50, k99, kb) = if realistic_profile {
             ("load_real_p50", "load_real_p99", "load_real_bulk")
         } else {
