@@ -33,6 +33,34 @@ pub struct Options {
     pub flush_timeout: Duration,
     /// `SSM_PLUGIN_PING_INTERVAL` (seconds): WebSocket ping interval (official: 300).
     pub ping_interval: Duration,
+    /// `SSM_PLUGIN_CONNECTION_BUFFER` (bytes): downloads one local connection may hold
+    /// unwritten before the session stops reading the WebSocket (port forwarding).
+    pub connection_buffer: usize,
+    /// `SSM_PLUGIN_SESSION_BUFFER` (bytes): the same for all connections together.
+    pub session_buffer: usize,
+    /// `SSM_PLUGIN_MAX_CONNECTIONS`: local connections served at once per listener; more
+    /// wait in the kernel's accept queue.
+    pub max_connections: usize,
+}
+
+const MIB: usize = 1024 * 1024;
+
+/// A whole number within `range`, for `name`.
+fn count(
+    name: String,
+    value: &str,
+    range: std::ops::RangeInclusive<usize>,
+    why: &'static str,
+) -> Result<usize, OptionError> {
+    value
+        .parse()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or(OptionError {
+            name,
+            value: value.to_owned(),
+            why,
+        })
 }
 
 /// A variable that is set but unusable.
@@ -56,6 +84,9 @@ impl Default for Options {
             reconnect_timeout: Duration::from_secs(600),
             flush_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(300),
+            connection_buffer: 16 * MIB,
+            session_buffer: 64 * MIB,
+            max_connections: 512,
         }
     }
 }
@@ -136,6 +167,25 @@ impl Options {
         }
         if let Some((name, v)) = var("PING_INTERVAL") {
             o.ping_interval = secs(&name, &v)?.max(Duration::from_secs(1));
+        }
+        if let Some((name, v)) = var("CONNECTION_BUFFER") {
+            o.connection_buffer = count(
+                name,
+                &v,
+                64 * 1024..=1024 * MIB,
+                "expected 65536 to 1073741824 bytes",
+            )?;
+        }
+        if let Some((name, v)) = var("SESSION_BUFFER") {
+            o.session_buffer = count(
+                name,
+                &v,
+                64 * 1024..=4096 * MIB,
+                "expected 65536 to 4294967296 bytes",
+            )?;
+        }
+        if let Some((name, v)) = var("MAX_CONNECTIONS") {
+            o.max_connections = count(name, &v, 1..=65_535, "expected 1 to 65535 connections")?;
         }
         Ok(o)
     }

@@ -9,6 +9,7 @@
 //! When `down` closes, the session is over: the mode writes what it still holds, restores
 //! whatever it changed (terminal modes, socket files) and returns.
 
+mod local;
 pub mod port;
 pub mod shell;
 pub mod stdio;
