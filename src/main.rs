@@ -70,7 +70,13 @@ fn main() -> ExitCode {
         }
         Ok(Invocation::StartSession(args)) => {
             drop(out);
-            return ExitCode::from(session_main(*args));
+            let code = session_main(*args);
+            drop(_log);
+            // Exit now: a thread still blocked reading stdin (a pipe that stays open) or
+            // writing to a terminal must not keep a finished session's process alive.
+            let _ = std::io::stdout().flush();
+            let _ = std::io::stderr().flush();
+            std::process::exit(i32::from(code));
         }
     };
     let _ = out.flush();
