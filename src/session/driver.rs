@@ -442,9 +442,9 @@ impl Driver {
             }
             Ok(Err(code)) => self.end(code, None, false),
             Err(e) => {
-                self.p
-                    .console
-                    .error(&format!("Cannot perform start session: reconnecting failed: {e}"));
+                self.p.console.error(&format!(
+                    "Cannot perform start session: reconnecting failed: {e}"
+                ));
                 self.end(exit::SESSION_FAILED, None, false);
             }
         }
@@ -515,9 +515,9 @@ impl Driver {
                 }
                 Err(e) => {
                     // Not silently: the session cannot carry the user's data any more.
-                    self.p
-                        .console
-                        .error(&format!("Cannot perform start session: sending data failed: {e}"));
+                    self.p.console.error(&format!(
+                        "Cannot perform start session: sending data failed: {e}"
+                    ));
                     self.end(exit::SESSION_FAILED, None, false);
                     return;
                 }
@@ -587,8 +587,10 @@ impl Driver {
             SessionEvent::DataKeyRequired { key_id, .. } => match &self.p.target {
                 None => self.session.provide_data_key(
                     Instant::now().into_std(),
-                    Err("the StartSession parameters have no Target, which KMS encryption needs"
-                        .to_owned()),
+                    Err(
+                        "the StartSession parameters have no Target, which KMS encryption needs"
+                            .to_owned(),
+                    ),
                 ),
                 Some(target) => {
                     let api = self.api.clone();
@@ -697,9 +699,7 @@ async fn opt<F: std::future::Future + Unpin>(f: Option<&mut F>) -> F::Output {
     }
 }
 
-async fn next_opt(
-    s: Option<&mut super::link::MsgStream>,
-) -> Option<Result<Message, String>> {
+async fn next_opt(s: Option<&mut super::link::MsgStream>) -> Option<Result<Message, String>> {
     match s {
         Some(s) => s.next().await,
         None => std::future::pending().await,
