@@ -1065,6 +1065,12 @@ impl Agent {
         self.plugin_out = None;
         self.plugin_task = None;
         self.drain_blocked = false;
+        if self.session.config.abrupt_exit {
+            // The agent is gone: nothing it sent will be resent, nothing more is acked.
+            self.unacked.clear();
+            self.finish(output);
+            return;
+        }
         let deadline = Instant::now() + self.session.config.close_drain_timeout;
         self.closing = Some((output, deadline));
         self.check_closing();

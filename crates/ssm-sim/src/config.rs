@@ -85,6 +85,12 @@ pub struct SimConfig {
     /// one (no ack, no delivery), as an agent that hung would: for tests of what the
     /// plugin can still do when its send window stays full.
     pub stall_input_after: Option<u64>,
+    /// End sessions the way the real agent ends a command session: once the plugin has
+    /// exited (ExitCode sent), the agent's own WebSocket to the gateway dies (1006), so it
+    /// acknowledges and resends nothing more, and the gateway sends `channel_closed` at
+    /// once instead of after the drain. The client's WebSocket stays open, as with the
+    /// real gateway, until the client closes it.
+    pub abrupt_exit: bool,
 }
 
 impl Default for SimConfig {
@@ -114,6 +120,7 @@ impl Default for SimConfig {
             reconnect_resend: ReconnectResend::Paced,
             ack_handshake_after_complete: false,
             stall_input_after: None,
+            abrupt_exit: false,
         }
     }
 }
