@@ -130,6 +130,7 @@ pub async fn run(ctx: ModeContext) -> ModeOutcome {
         signals: OsSignals::new(),
         size: &terminal::size_or_fallback,
         print: &print_stdout,
+        exit_now: &|status| std::process::exit(i32::from(status)),
         last_size: None,
         pending: VecDeque::new(),
         pending_bytes: 0,
@@ -306,6 +307,8 @@ struct Input<'a, S> {
     signals: S,
     size: &'a (dyn Fn() -> (u32, u32) + Sync),
     print: &'a (dyn Fn(&str) + Sync),
+    /// Leaves the process at once (a second terminating signal while finishing).
+    exit_now: &'a (dyn Fn(u8) + Sync),
     last_size: Option<(u32, u32)>,
     pending: VecDeque<Up>,
     pending_bytes: usize,
@@ -423,7 +426,7 @@ impl<S: SignalSource> Input<'_, S> {
                 tracing::info!("second terminating signal; exiting with status {status}");
                 terminal::restore_global();
                 self.restore();
-                std::process::exit(i32::from(status));
+                (self.exit_now)(status);
             }
             _ if self.finished => {}
             SignalEvent::Forward(b) => self.push(Up::Data(Bytes::copy_from_slice(&[b]))),
@@ -1130,6 +1133,12 @@ mod tests {
         PRINTED.lock().unwrap().push(s.to_owned());
     }
 
+    static EXITED: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+    fn fake_exit(status: u8) {
+        EXITED.lock().unwrap().push(status);
+    }
+
     /// An input side on fake signals, size and printing.
     fn fake_input<'a>(
         up: &'a mpsc::Sender<Up>,
@@ -1147,6 +1156,7 @@ mod tests {
             signals: FakeSignals(signals),
             size: &fake_size,
             print: &fake_print,
+            exit_now: &fake_exit,
             last_size: None,
             pending: VecDeque::new(),
             pending_bytes: 0,
@@ -1195,8 +1205,11 @@ mod tests {
             .expect("queue open")
     }
 
+    /// Nothing more comes once every task is idle. The tests that use it run on paused
+    /// time, where the timeout fires only after the input side has nothing left to do (the
+    /// clock advances only when all tasks wait), so this observes quiescence, not a delay.
     async fn no_more_up(h: &mut Harness) {
-        let r = tokio::time::timeout(std::time::Duration::from_millis(50), h.up.recv()).await;
+        let r = tokio::time::timeout(std::time::Duration::from_secs(3600), h.up.recv()).await;
         assert!(r.is_err(), "unexpected message {r:?}");
     }
 
@@ -1207,7 +1220,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn piped_stdin_sends_eot_and_keeps_running() {
         with_input(false, false, |mut h| async move {
             assert!(matches!(next_up(&mut h).await, Up::Size(_)));
@@ -1232,7 +1245,7 @@ mod tests {
 
     /// `~.` and a terminating signal reach the driver through the urgent queue even while
     /// the data queue is full (an agent that stopped acknowledging holds it).
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn last_word_passes_a_full_data_queue() {
         let cases: [(&[u8], Option<SignalEvent>); 2] =
             [(b"x\r~.", None), (b"x", Some(SignalEvent::Terminate(143)))];
@@ -1273,7 +1286,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn tilde_dot_sends_terminate_api_and_nothing_after() {
         with_input(true, true, |mut h| async move {
             assert!(matches!(next_up(&mut h).await, Up::Size(_)));
@@ -1298,7 +1311,7 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn help_is_printed_locally() {
         with_input(true, true, |mut h| async move {
             assert!(matches!(next_up(&mut h).await, Up::Size(_)));
@@ -1317,7 +1330,7 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn terminating_signal_finishes_with_its_status() {
         with_input(true, true, |mut h| async move {
             assert!(matches!(next_up(&mut h).await, Up::Size(_)));
@@ -1332,27 +1345,28 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn input_outlives_a_driver_that_closes_its_queue_after_finish() {
-        with_input(true, false, |h| async move {
-            // Queue more than the driver takes, then finish and close the driver's queue.
-            for _ in 0..4 {
-                h.stdin
-                    .send(StdinEvent::Data(Bytes::from_static(b"x")))
-                    .await
-                    .unwrap();
-            }
-            consumed(&h.stdin).await;
+        with_input(true, false, |mut h| async move {
+            assert!(matches!(next_up(&mut h).await, Up::Size(_)));
             h.signals.send(SignalEvent::Terminate(143)).await.unwrap();
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            assert!(matches!(next_up(&mut h).await, Up::Finish(143)));
+            // The driver stops taking messages while it flushes.
             drop(h.up);
-            // `with_input` panics if the input side ends.
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            // A second terminating signal is still acted on: the process would exit.
+            h.signals.send(SignalEvent::Terminate(130)).await.unwrap();
+            for _ in 0..10_000 {
+                if EXITED.lock().unwrap().contains(&130) {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+            panic!("the second signal was not acted on");
         })
         .await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn terminal_hang_up_finishes_with_sighup_status() {
         with_input(true, true, |mut h| async move {
             assert!(matches!(next_up(&mut h).await, Up::Size(_)));
@@ -1363,7 +1377,7 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn failing_stdout_finishes_the_session() {
         with_input(false, false, |mut h| async move {
             assert!(matches!(next_up(&mut h).await, Up::Size(_)));
@@ -1376,7 +1390,7 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn resize_sends_only_changes() {
         // Uses the shared SIZE: this is the only test that changes it.
         with_input(false, false, |mut h| async move {
@@ -1397,7 +1411,7 @@ mod tests {
         .await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn output_goes_to_stdout_stderr_and_exit_code_is_kept() {
         let (tx, rx) = mpsc::channel(8);
         let (fail_tx, mut fail_rx) = oneshot::channel();
@@ -1461,7 +1475,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn broken_stdout_is_reported_once_and_the_queue_still_drains() {
         let (tx, rx) = mpsc::channel(8);
         let (fail_tx, fail_rx) = oneshot::channel();
