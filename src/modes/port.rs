@@ -306,6 +306,12 @@ pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
                 if let Some(out) = port.poll_transmit() {
                     permit.send(Up::Data(out));
                 }
+                if let Some(e) = port.error() {
+                    ctx.console.error(&format!("Cannot perform start session: {e}"));
+                    let _ = ctx.urgent.send(Up::Flag(Flag::TerminateSession)).await;
+                    let _ = ctx.urgent.send(Up::Finish(exit::SESSION_FAILED)).await;
+                    break Stop::Failed;
+                }
             }
             down = ctx.down.recv(), if port.wants_remote() => {
                 let Some(down) = down else { break Stop::Closed };

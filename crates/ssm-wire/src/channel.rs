@@ -165,6 +165,8 @@ pub enum SendError {
     TooLarge(usize),
     #[error("the session cipher refused to encrypt the payload")]
     Encrypt,
+    #[error("the message could not be encoded")]
+    Encode,
 }
 
 /// Counters for logs, tests and benchmarks.
@@ -417,10 +419,11 @@ impl Channel {
         uuid::Builder::from_random_bytes(b).into_uuid()
     }
 
-    fn encode(&mut self, msg: &ClientMessage) -> Bytes {
-        // Every message built here has a short ASCII type and a bounded payload, so
-        // encoding cannot fail; an empty frame would be dropped by the peer.
-        Bytes::from(msg.encode().unwrap_or_default())
+    /// The frame for `msg`; `None` instead of an empty frame if it cannot be encoded
+    /// (every message built here has a short ASCII type and a bounded payload, so this is
+    /// a guard, not a path).
+    fn encode(msg: &ClientMessage) -> Option<Bytes> {
+        msg.encode().ok().filter(|f| !f.is_empty()).map(Bytes::from)
     }
 
     /// Queues one stream message. `payload` must be 1..=`max_payload` bytes.
@@ -469,7 +472,6 @@ impl Channel {
         payload: Bytes,
     ) -> Result<i64, SendError> {
         let seq = self.next_seq;
-        self.next_seq += 1;
         let payload_len = payload.len();
         let id = self.new_id();
         let msg = ClientMessage::new(
@@ -481,7 +483,8 @@ impl Channel {
             self.created_date(now),
             id,
         );
-        let frame = self.encode(&msg);
+        let frame = Self::encode(&msg).ok_or(SendError::Encode)?;
+        self.next_seq += 1;
         self.unacked.push_back(Outgoing {
             seq,
             frame,
@@ -763,7 +766,11 @@ impl Channel {
             acknowledged_message_sequence_number: msg.sequence_number,
             is_sequential_message: true,
         };
-        let body = serde_json::to_vec(&content).unwrap_or_default();
+        let Ok(body) = serde_json::to_vec(&content) else {
+            // Not acknowledged now: the peer resends and the next ack is tried again.
+            self.queued_acks.remove(&msg.sequence_number);
+            return;
+        };
         let id = self.new_id();
         let ack = ClientMessage::new(
             MessageType::Acknowledge,
@@ -774,7 +781,10 @@ impl Channel {
             self.created_date(now),
             id,
         );
-        let frame = self.encode(&ack);
+        let Some(frame) = Self::encode(&ack) else {
+            self.queued_acks.remove(&msg.sequence_number);
+            return;
+        };
         self.ack_queue.push_back((msg.sequence_number, frame));
     }
 

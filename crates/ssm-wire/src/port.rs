@@ -132,6 +132,8 @@ pub struct PortSession {
     total_unwritten: usize,
     /// Connections whose unwritten downloads reached `max_conn_buffered`.
     over_bound: usize,
+    /// Why the session can no longer send (see [`PortSession::error`]).
+    failed: Option<PortError>,
 }
 
 impl PortSession {
@@ -147,6 +149,7 @@ impl PortSession {
             events: VecDeque::new(),
             total_unwritten: 0,
             over_bound: 0,
+            failed: None,
         }
     }
 
@@ -328,13 +331,26 @@ impl PortSession {
 
     /// Whether [`PortSession::poll_transmit`] has something to give.
     pub fn has_transmit(&self) -> bool {
-        self.mux.pending_output_len() > 0 || !self.fresh.is_empty() || !self.busy.is_empty()
+        self.failed.is_none()
+            && (self.mux.pending_output_len() > 0
+                || !self.fresh.is_empty()
+                || !self.busy.is_empty())
+    }
+
+    /// Why the session cannot send any more: set when the mux refused a connection's data,
+    /// which then stays where it was instead of being dropped. The shell must end the
+    /// session with this error.
+    pub fn error(&self) -> Option<&PortError> {
+        self.failed.as_ref()
     }
 
     /// The next channel payload: queued smux frames (SYN, FIN), else one piece of the next
     /// connection in turn. At most `chunk` bytes. Call it only when the channel can send it
     /// now: what this returns has left every connection's buffer.
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
+        if self.failed.is_some() {
+            return None;
+        }
         if self.mux.pending_output_len() == 0 {
             self.next_turn();
         }
@@ -362,11 +378,15 @@ impl PortSession {
                         conn.pending.push_front(data.slice(n..));
                     }
                     Ok(_) => {}
-                    // The stream is gone from the mux (it cannot be while up_done is false).
-                    Err(_) => {
-                        conn.pending.clear();
-                        conn.pending_len = 0;
-                        conn.up_done = true;
+                    // The mux is dead (a protocol error from the agent): the data cannot
+                    // go anywhere. Keep it, stop taking turns, and say so.
+                    Err(e) => {
+                        conn.pending.push_front(data);
+                        conn.pending_len += conn.pending.front().map_or(0, Bytes::len);
+                        self.failed = Some(PortError::Mux(e));
+                        self.fresh.clear();
+                        self.busy.clear();
+                        return;
                     }
                 }
                 wrote = true;

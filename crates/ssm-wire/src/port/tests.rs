@@ -375,3 +375,25 @@ fn basic_stops_taking_output_while_the_local_reader_stalls() {
     b.handle_accept();
     assert!(b.wants_remote());
 }
+
+/// After the agent broke the smux protocol, pending uploads are not silently dropped: the
+/// session stops sending and reports why.
+#[test]
+fn upload_after_a_dead_mux_is_an_error_not_a_silent_drop() {
+    let mut s = session();
+    let a = s.open().unwrap();
+    s.poll_transmit();
+    events(&mut s);
+    s.handle_read(a, Bytes::from_static(b"pending")).unwrap();
+    assert!(s
+        .handle_remote(Bytes::from_static(&[9, 9, 0, 0, 0, 0, 0, 0]))
+        .is_err());
+    assert_eq!(s.poll_transmit(), None);
+    assert!(
+        matches!(s.error(), Some(PortError::Mux(_))),
+        "{:?}",
+        s.error()
+    );
+    assert!(!s.has_transmit());
+    assert_eq!(s.buffered_up(), 7, "the data is kept, not dropped");
+}
