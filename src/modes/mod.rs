@@ -75,41 +75,7 @@ pub struct ModeOutcome {
     pub failed: Option<u8>,
 }
 
-/// Which mode a session runs in (PROTOCOL.md §8.2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ModeKind {
-    Shell,
-    Stdio,
-    BasicPort,
-    MuxPort,
-}
-
-/// Picks the mode from the handshake.
-pub fn select(info: &SessionInfo) -> ModeKind {
-    use ssm_wire::session::SessionKind;
-    match info.kind {
-        SessionKind::Stream => ModeKind::Shell,
-        SessionKind::Port => {
-            if info.property("type") != Some("LocalPortForwarding") {
-                ModeKind::Stdio
-            } else if version_greater(&info.agent_version, "3.0.196.0") {
-                ModeKind::MuxPort
-            } else {
-                ModeKind::BasicPort
-            }
-        }
-    }
-}
-
-/// Dotted-version "strictly greater than", as the official gates compare (§8.2): the
-/// component counts must match and every component must be numeric, else `false`.
-pub fn version_greater(version: &str, than: &str) -> bool {
-    let parse = |v: &str| -> Option<Vec<u64>> { v.split('.').map(|p| p.parse().ok()).collect() };
-    match (parse(version), parse(than)) {
-        (Some(a), Some(b)) if a.len() == b.len() => a > b,
-        _ => false,
-    }
-}
+pub use ssm_wire::mode::{basic_port_uses_terminate_flag, select, ModeKind};
 
 /// Runs the selected mode to completion.
 pub async fn run(kind: ModeKind, ctx: ModeContext) -> ModeOutcome {
@@ -118,23 +84,5 @@ pub async fn run(kind: ModeKind, ctx: ModeContext) -> ModeOutcome {
         ModeKind::Stdio => stdio::run(ctx).await,
         ModeKind::BasicPort => port::run_basic(ctx).await,
         ModeKind::MuxPort => port::run_mux(ctx).await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn version_gates() {
-        assert!(version_greater("3.3.987.0", "3.0.196.0"));
-        assert!(!version_greater("3.0.196.0", "3.0.196.0"));
-        assert!(!version_greater("2.3.722.0", "3.0.196.0"));
-        assert!(
-            !version_greater("3.3", "3.0.196.0"),
-            "component counts differ"
-        );
-        assert!(!version_greater("", "3.0.196.0"));
-        assert!(!version_greater("3.x.1.0", "3.0.196.0"));
     }
 }

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::local::{BoxRead, BoxWrite, Conn, LocalEvent};
-use super::{version_greater, Down, ModeContext, ModeOutcome, Up};
+use super::{basic_port_uses_terminate_flag, Down, ModeContext, ModeOutcome, Up};
 use crate::console::Console;
 use crate::exit;
 
@@ -449,7 +449,7 @@ pub async fn run_basic(mut ctx: ModeContext) -> ModeOutcome {
         ctx.session_id
     ));
     // Old agents (≤ 2.3.722.0) do not understand the TerminateSession flag.
-    let use_flag = version_greater(&ctx.info.agent_version, "2.3.722.0");
+    let use_flag = basic_port_uses_terminate_flag(&ctx.info.agent_version);
     let mut basic = BasicPortSession::new(ctx.options.connection_buffer);
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<LocalEvent<u64>>();
     let mut conn: Option<(u64, Conn)> = None;
