@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use ssm_wire::channel::ChannelConfig;
 
+use crate::stream_url::TrustedHosts;
+
 /// Prefix shared by every variable.
 pub const PREFIX: &str = "SSM_PLUGIN_";
 
@@ -33,6 +35,9 @@ pub struct Options {
     pub flush_timeout: Duration,
     /// `SSM_PLUGIN_PING_INTERVAL` (seconds): WebSocket ping interval (official: 300).
     pub ping_interval: Duration,
+    /// `SSM_PLUGIN_TRUSTED_STREAM_HOSTS`: StreamUrl hosts trusted besides the Session
+    /// Manager endpoints and loopback (names or `*.suffix`, comma-separated).
+    pub trusted_stream_hosts: TrustedHosts,
 }
 
 /// A variable that is set but unusable.
@@ -56,6 +61,7 @@ impl Default for Options {
             reconnect_timeout: Duration::from_secs(600),
             flush_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(300),
+            trusted_stream_hosts: TrustedHosts::default(),
         }
     }
 }
@@ -136,6 +142,13 @@ impl Options {
         }
         if let Some((name, v)) = var("PING_INTERVAL") {
             o.ping_interval = secs(&name, &v)?.max(Duration::from_secs(1));
+        }
+        if let Some((name, v)) = var("TRUSTED_STREAM_HOSTS") {
+            o.trusted_stream_hosts = TrustedHosts::parse(&v).map_err(|e| OptionError {
+                name,
+                value: v.clone(),
+                why: e.why,
+            })?;
         }
         Ok(o)
     }
