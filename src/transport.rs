@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -57,7 +59,7 @@ pub enum TransportError {
 /// loaded, and the configuration built, on the first `wss://` connection.
 #[derive(Clone)]
 pub struct TlsSettings {
-    extra: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    extra: Arc<Vec<CertificateDer<'static>>>,
     config: Arc<std::sync::OnceLock<Arc<rustls::ClientConfig>>>,
 }
 
@@ -72,7 +74,7 @@ impl TlsSettings {
             };
             let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
             let mut check = rustls::RootCertStore::empty();
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            for cert in CertificateDer::pem_slice_iter(&pem) {
                 let cert = cert.map_err(|e| bad(e.to_string()))?;
                 check.add(cert.clone()).map_err(|e| bad(e.to_string()))?;
                 extra.push(cert);
