@@ -113,6 +113,7 @@ use aws_types::region::Region;
 use aws_types::service_config::ServiceConfigKey;
 use aws_types::SdkConfig;
 use base64::Engine;
+use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 use tokio::sync::OnceCell;
 use zeroize::Zeroizing;
@@ -1167,7 +1168,7 @@ fn ca_bundle_pem(options: &Options) -> Result<Option<Vec<u8>>, AwsError> {
         path: name.clone(),
         message,
     };
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ca_error(format!("not a PEM certificate bundle: {e}")))?;
     if certs.is_empty() {

@@ -9,6 +9,7 @@ mod modes;
 mod options;
 mod roots;
 mod session;
+mod stream_url;
 mod terminal;
 mod transport;
 
@@ -95,6 +96,11 @@ fn session_main(args: invocation::StartSessionArgs) -> u8 {
             return exit::USAGE;
         }
     };
+    // Before anything connects or the token leaves the process (README "Security").
+    if let Err(e) = stream_url::check(&args.response.stream_url, &options.trusted_stream_hosts) {
+        eprintln!("Cannot perform start session: {e}");
+        return exit::SESSION_FAILED;
+    }
     let console = console::Console {
         quiet: options.quiet,
     };

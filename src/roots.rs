@@ -10,6 +10,7 @@
 use std::sync::OnceLock;
 
 use base64::Engine;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
 /// PEM bundles, in the order OpenSSL's probing finds them on the usual distributions.
@@ -77,7 +78,7 @@ fn load(env_set: impl Fn(&str) -> bool) -> SystemRoots {
 /// holds none.
 pub fn from_bundle(path: &str) -> Option<SystemRoots> {
     let pem = std::fs::read(path).ok()?;
-    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
         .filter_map(Result::ok)
         .collect();
     if certs.is_empty() {
@@ -117,7 +118,7 @@ mod tests {
             CertificateDer::from((0..200u8).collect::<Vec<u8>>()),
         ];
         let pem = to_pem(&certs);
-        let back: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
+        let back: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(back, certs);

@@ -13,10 +13,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue, Uri};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 /// The connected WebSocket.
@@ -25,6 +28,24 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// How long the TCP connect, proxy exchange, TLS and upgrade may take together
 /// (the official dialer's handshake timeout).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(45);
+
+/// Largest stream payload the plugin can be configured to send (`SSM_PLUGIN_PAYLOAD_SIZE`).
+pub const MAX_PAYLOAD_SIZE: usize = 65_536;
+
+/// Largest legal data-channel message: the ClientMessage header and payload length
+/// ([`ssm_wire::frame::PAYLOAD_OFFSET`]) plus the largest payload, sealed
+/// ([`ssm_wire::crypto::OVERHEAD`]). The agent's own messages are far smaller (1024-byte
+/// payloads); JSON control messages (acknowledgements, handshake) are a few hundred bytes.
+pub const MAX_MESSAGE_LEN: usize =
+    ssm_wire::frame::PAYLOAD_OFFSET + MAX_PAYLOAD_SIZE + ssm_wire::crypto::OVERHEAD;
+
+/// The WebSocket limits: a message or frame over [`MAX_MESSAGE_LEN`] fails the connection
+/// as soon as its header announces it (tungstenite's default would buffer up to 64 MiB).
+pub fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE_LEN))
+        .max_frame_size(Some(MAX_MESSAGE_LEN))
+}
 
 /// Why the WebSocket could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +78,7 @@ pub enum TransportError {
 /// loaded, and the configuration built, on the first `wss://` connection.
 #[derive(Clone)]
 pub struct TlsSettings {
-    extra: Arc<Vec<rustls::pki_types::CertificateDer<'static>>>,
+    extra: Arc<Vec<CertificateDer<'static>>>,
     config: Arc<std::sync::OnceLock<Arc<rustls::ClientConfig>>>,
 }
 
@@ -72,7 +93,7 @@ impl TlsSettings {
             };
             let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
             let mut check = rustls::RootCertStore::empty();
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            for cert in CertificateDer::pem_slice_iter(&pem) {
                 let cert = cert.map_err(|e| bad(e.to_string()))?;
                 check.add(cert.clone()).map_err(|e| bad(e.to_string()))?;
                 extra.push(cert);
@@ -354,13 +375,17 @@ async fn connect_inner(
     } else {
         Some(Connector::Plain)
     };
-    let (ws, _response) =
-        tokio_tungstenite::client_async_tls_with_config(request, tcp, None, connector)
-            .await
-            .map_err(|e| TransportError::Handshake {
-                host: host.clone(),
-                source: Box::new(e),
-            })?;
+    let (ws, _response) = tokio_tungstenite::client_async_tls_with_config(
+        request,
+        tcp,
+        Some(websocket_config()),
+        connector,
+    )
+    .await
+    .map_err(|e| TransportError::Handshake {
+        host: host.clone(),
+        source: Box::new(e),
+    })?;
     Ok(ws)
 }
 
@@ -463,5 +488,101 @@ mod tests {
             head.contains("Proxy-Authorization: Basic dTpw\r\n"),
             "{head}"
         );
+    }
+
+    /// A peer that sends one binary message of `len` bytes, as a single frame or split
+    /// into `frames` continuation frames, after the upgrade; returns the client's URL.
+    async fn peer_sending(len: usize, frames: usize) -> String {
+        use futures_util::SinkExt;
+        use tokio::net::TcpListener;
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
+        use tokio_tungstenite::tungstenite::Message;
+        let server = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = server.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = server.accept().await.unwrap();
+            // The server side itself has no limit, so it can send what the client refuses.
+            let config = WebSocketConfig::default()
+                .max_message_size(None)
+                .max_frame_size(None);
+            let mut ws = tokio_tungstenite::accept_async_with_config(s, Some(config))
+                .await
+                .unwrap();
+            let body = vec![0x5au8; len];
+            if frames <= 1 {
+                let _ = ws.send(Message::binary(body)).await;
+            } else {
+                let piece = len.div_ceil(frames);
+                for (i, chunk) in body.chunks(piece).enumerate() {
+                    let header = FrameHeader {
+                        is_final: (i + 1) * piece >= len,
+                        opcode: if i == 0 {
+                            OpCode::Data(Data::Binary)
+                        } else {
+                            OpCode::Data(Data::Continue)
+                        },
+                        ..FrameHeader::default()
+                    };
+                    let frame = Frame::from_payload(header, chunk.to_vec().into());
+                    if ws.send(Message::Frame(frame)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            // Keep the connection open until the client is done with it.
+            use futures_util::StreamExt;
+            while ws.next().await.is_some() {}
+        });
+        format!("ws://{addr}/v1/data-channel/s-1")
+    }
+
+    async fn first_message(
+        url: &str,
+    ) -> Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>
+    {
+        use futures_util::StreamExt;
+        let tls = TlsSettings::new(None).unwrap();
+        let mut ws = connect(url, &[], &tls, |_: &str| None).await.unwrap();
+        ws.next().await.expect("a message or an error")
+    }
+
+    #[test]
+    fn the_limit_covers_the_largest_legal_frame() {
+        // A sealed 65536-byte payload in a ClientMessage: header 120 + 65536 + 28.
+        assert_eq!(MAX_MESSAGE_LEN, 120 + 65_536 + 12 + 16);
+    }
+
+    #[tokio::test]
+    async fn a_message_at_the_limit_is_received() {
+        let url = peer_sending(MAX_MESSAGE_LEN, 1).await;
+        let msg = first_message(&url).await.expect("message at the limit");
+        assert_eq!(msg.into_data().len(), MAX_MESSAGE_LEN);
+        let url = peer_sending(MAX_MESSAGE_LEN, 16).await;
+        let msg = first_message(&url)
+            .await
+            .expect("fragmented message at the limit");
+        assert_eq!(msg.into_data().len(), MAX_MESSAGE_LEN);
+    }
+
+    #[tokio::test]
+    async fn a_larger_message_fails_the_connection() {
+        use tokio_tungstenite::tungstenite::error::{CapacityError, Error};
+        // One frame announcing more than the limit: refused from its header.
+        let url = peer_sending(MAX_MESSAGE_LEN + 1, 1).await;
+        match first_message(&url).await {
+            Err(Error::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
+                assert_eq!((size, max_size), (MAX_MESSAGE_LEN + 1, MAX_MESSAGE_LEN));
+            }
+            other => panic!("expected MessageTooLong, got {other:?}"),
+        }
+        // Small frames adding up to more than the limit: refused when the sum passes it.
+        let url = peer_sending(4 * MAX_MESSAGE_LEN, 64).await;
+        match first_message(&url).await {
+            Err(Error::Capacity(CapacityError::MessageTooLong { max_size, .. })) => {
+                assert_eq!(max_size, MAX_MESSAGE_LEN);
+            }
+            other => panic!("expected MessageTooLong, got {other:?}"),
+        }
     }
 }

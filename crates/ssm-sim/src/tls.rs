@@ -11,6 +11,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
 };
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::SimError;
@@ -97,7 +98,7 @@ impl TlsMaterial {
 
     /// The CA certificate in DER, for a client root store.
     pub(crate) fn ca_der(&self) -> Option<CertificateDer<'static>> {
-        rustls_pemfile::certs(&mut self.ca_pem.as_bytes())
+        CertificateDer::pem_slice_iter(self.ca_pem.as_bytes())
             .next()
             .and_then(Result::ok)
     }

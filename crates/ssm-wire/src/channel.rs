@@ -57,6 +57,12 @@ impl Role {
     }
 }
 
+/// Acknowledgements waiting to be written, at most. Each is one ~330-byte frame; beyond
+/// this, [`Channel::wants_input`] turns false and new stream messages are refused
+/// ([`ReceiveError::AcksFull`], left for the peer to resend), so a peer that sends
+/// faster than the pacer lets this end acknowledge cannot grow the queue.
+pub const MAX_QUEUED_ACKS: usize = 1024;
+
 /// Tuning knobs. The defaults suit the real service; see the README for each.
 #[derive(Clone, Debug)]
 pub struct ChannelConfig {
@@ -152,6 +158,8 @@ pub enum ReceiveError {
     ReorderBytesFull(i64),
     #[error("negative sequence number {0}")]
     NegativeSequence(i64),
+    #[error("{MAX_QUEUED_ACKS} acknowledgements waiting to be sent; seq {0} left for the peer to resend")]
+    AcksFull(i64),
 }
 
 /// Why [`Channel::send`] refused.
@@ -355,8 +363,10 @@ impl Channel {
 
     /// Whether the driver should read more frames from the transport: false while the
     /// session has not taken the data already delivered (see `max_undelivered_bytes`).
+    /// Also false while [`MAX_QUEUED_ACKS`] acknowledgements wait for the pacer.
     pub fn wants_input(&self) -> bool {
         self.undelivered_bytes < self.config.max_undelivered_bytes
+            && self.ack_queue.len() < MAX_QUEUED_ACKS
     }
 
     /// Events waiting for [`Channel::poll_event`].
@@ -757,7 +767,8 @@ impl Channel {
     }
 
     fn queue_ack(&mut self, now: Instant, msg: &ClientMessage) {
-        if !self.queued_acks.insert(msg.sequence_number) {
+        if self.ack_queue.len() >= MAX_QUEUED_ACKS || !self.queued_acks.insert(msg.sequence_number)
+        {
             return;
         }
         let content = AcknowledgeContent {
@@ -795,11 +806,17 @@ impl Channel {
             return Err(ReceiveError::NegativeSequence(seq));
         }
         self.resume();
+        let acks_full = self.ack_queue.len() >= MAX_QUEUED_ACKS;
         if seq < self.expected || self.reorder.contains_key(&seq) {
             // A resend of something we have: the ack was lost, so acknowledge again.
             self.stats.duplicates_received += 1;
             self.queue_ack(now, &msg);
             return Ok(());
+        }
+        if acks_full {
+            // Taking it without an acknowledgement would make the peer resend it anyway.
+            self.stats.dropped_frames += 1;
+            return Err(ReceiveError::AcksFull(seq));
         }
         if seq > self.expected {
             let ahead = usize::try_from(seq - self.expected).unwrap_or(usize::MAX);
