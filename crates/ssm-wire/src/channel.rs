@@ -173,6 +173,10 @@ pub enum SendError {
     TooLarge(usize),
     #[error("the session cipher refused to encrypt the payload")]
     Encrypt,
+    /// The session's handshake is not complete: the agent would drop the message, and
+    /// with KMS requested it would go out unencrypted.
+    #[error("the session is not ready (handshake not complete)")]
+    NotReady,
 }
 
 /// Counters for logs, tests and benchmarks.
