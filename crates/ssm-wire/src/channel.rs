@@ -175,6 +175,10 @@ pub enum SendError {
     Encrypt,
     #[error("the message could not be encoded")]
     Encode,
+    /// The session's handshake is not complete: the agent would drop the message, and
+    /// with KMS requested it would go out unencrypted.
+    #[error("the session is not ready (handshake not complete)")]
+    NotReady,
 }
 
 /// Counters for logs, tests and benchmarks.

@@ -28,6 +28,8 @@ use aes_gcm::{Aes256Gcm, Key, Nonce, Tag};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use rand::RngCore;
+use std::sync::Arc;
+
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// Length of the KMS data key plaintext (`NumberOfBytes: 64`).
@@ -148,12 +150,56 @@ impl std::fmt::Debug for ChallengeSecret {
     }
 }
 
+/// Where a [`SessionCipher`] takes its nonces from. The default, [`RandomNonces`], asks
+/// the OS for each one; tests inject a deterministic source ([`CounterNonces`]) so that an
+/// encrypted session replays byte for byte. A source must never repeat a nonce under one
+/// key.
+pub trait NonceSource: Send + Sync {
+    fn fill(&self, nonce: &mut [u8; NONCE_LEN]);
+}
+
+/// Nonces from the operating system's random number generator.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RandomNonces;
+
+impl NonceSource for RandomNonces {
+    fn fill(&self, nonce: &mut [u8; NONCE_LEN]) {
+        rand::thread_rng().fill_bytes(nonce);
+    }
+}
+
+/// Nonces `prefix(4) ‖ counter(8, big-endian)`, the counter starting at 0: unique for
+/// 2^64 messages, and the same sequence on every run.
+#[derive(Debug)]
+pub struct CounterNonces {
+    prefix: [u8; 4],
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl CounterNonces {
+    pub fn new(prefix: [u8; 4]) -> CounterNonces {
+        CounterNonces {
+            prefix,
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl NonceSource for CounterNonces {
+    fn fill(&self, nonce: &mut [u8; NONCE_LEN]) {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        nonce[..4].copy_from_slice(&self.prefix);
+        nonce[4..].copy_from_slice(&n.to_be_bytes());
+    }
+}
+
 /// Both directions' AES-256-GCM ciphers for one end of a session.
 #[derive(Clone)]
 pub struct SessionCipher {
     role: Role,
     seal_key: Aes256Gcm,
     open_key: Aes256Gcm,
+    nonces: Arc<dyn NonceSource>,
 }
 
 impl std::fmt::Debug for SessionCipher {
@@ -179,7 +225,14 @@ impl SessionCipher {
             role,
             seal_key: cipher(seal),
             open_key: cipher(open),
+            nonces: Arc::new(RandomNonces),
         }
+    }
+
+    /// The same ciphers, sealing with nonces from `source`.
+    pub fn with_nonce_source(mut self, source: Arc<dyn NonceSource>) -> SessionCipher {
+        self.nonces = source;
+        self
     }
 
     /// The plugin's ciphers.
@@ -197,10 +250,11 @@ impl SessionCipher {
     }
 
     /// Seals `plaintext` for the peer under a fresh random nonce:
-    /// `nonce ‖ ciphertext ‖ tag`, [`OVERHEAD`] bytes longer than the input.
+    /// `nonce ‖ ciphertext ‖ tag`, [`OVERHEAD`] bytes longer than the input. The nonce
+    /// comes from the cipher's [`NonceSource`].
     pub fn seal(&self, plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
         let mut nonce = [0u8; NONCE_LEN];
-        rand::thread_rng().fill_bytes(&mut nonce);
+        self.nonces.fill(&mut nonce);
         self.seal_with_nonce(&nonce, plaintext)
     }
 
@@ -259,7 +313,7 @@ impl SessionCipher {
     /// nonce, and returns the EncChallengeResponse `Challenge` (standard base64, padded).
     pub fn answer_challenge(&self, challenge_b64: &str) -> Result<String, CryptoError> {
         let mut nonce = [0u8; NONCE_LEN];
-        rand::thread_rng().fill_bytes(&mut nonce);
+        self.nonces.fill(&mut nonce);
         self.answer_challenge_with_nonce(challenge_b64, &nonce)
     }
 

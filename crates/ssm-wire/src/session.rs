@@ -7,9 +7,19 @@
 //! [`SessionEvent::Ready`] once the agent completes the handshake — or when the first
 //! Output arrives without one (a shell without KMS). Afterwards it turns received payloads
 //! into typed events (decrypting them) and user data into stream messages (encrypting).
-//! Nothing but handshake messages is sent before `Ready`: the agent would drop it.
+//! Nothing but handshake messages is sent before `Ready`: the agent would drop it, so
+//! `send_output`, `send_size` and `send_flag` return [`SendError::NotReady`] until then.
+//!
+//! The states are typed (see `State`): each holds only its own data, and a handshake
+//! message is handled only by the state that expects it. A HandshakeRequest after the
+//! first, a HandshakeComplete or challenge out of turn, or a data key nobody asked for is
+//! logged and ignored ([`ClientSession::rejected_handshake_messages`] counts them), so a
+//! mid-session HandshakeRequest cannot change the session info, request a new KMS key or
+//! swap the cipher. [`ClientSession::with_nonce_source`] injects the cipher's nonces for
+//! deterministic replays of encrypted sessions.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Instant;
 
 use base64::Engine;
@@ -17,7 +27,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use crate::channel::{Channel, ChannelEvent, ReceiveError, SendError};
-use crate::crypto::{DataKey, SessionCipher, NONCE_LEN, TAG_LEN};
+use crate::crypto::{DataKey, NonceSource, SessionCipher, NONCE_LEN, TAG_LEN};
 use crate::frame::PayloadType;
 use crate::payload::{
     parse_exit_code, ChannelClosed, EncryptionChallenge, Flag, HandshakeComplete, HandshakeRequest,
@@ -94,16 +104,67 @@ impl Drop for GeneratedDataKey {
     }
 }
 
-#[derive(Debug, PartialEq, Eq)]
+/// The handshake states, in the style of rustls: each holds only what it needs, and a
+/// message is handled only by the state that expects it (PROTOCOL.md §6). Everything
+/// else is rejected and logged: a HandshakeRequest after the first, a HandshakeComplete
+/// before the handshake response, a challenge without a data key.
 enum State {
     /// No handshake message yet.
     Start,
-    /// Waiting for the driver's data key.
-    AwaitingKey,
-    /// Response sent; waiting for challenge / complete.
-    Negotiating,
-    Ready,
+    /// HandshakeRequest taken; waiting for the driver's data key.
+    AwaitingKey(AwaitingKey),
+    /// HandshakeResponse sent; waiting for the challenge and HandshakeComplete.
+    Negotiating(Negotiating),
+    /// Handshake complete (or none: a shell streaming at once).
+    Ready(Ready),
     Failed,
+}
+
+struct AwaitingKey {
+    info: Option<SessionInfo>,
+    /// Response entries before the KMSEncryption action.
+    before_kms: Vec<ProcessedClientAction>,
+    /// Response entries after it (the official order).
+    after_kms: Vec<ProcessedClientAction>,
+}
+
+struct Negotiating {
+    info: Option<SessionInfo>,
+    cipher: Option<SessionCipher>,
+}
+
+struct Ready {
+    info: SessionInfo,
+    cipher: Option<SessionCipher>,
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::Start => "start",
+            State::AwaitingKey(_) => "awaiting the data key",
+            State::Negotiating(_) => "negotiating",
+            State::Ready(_) => "ready",
+            State::Failed => "failed",
+        }
+    }
+
+    fn info(&self) -> Option<&SessionInfo> {
+        match self {
+            State::AwaitingKey(s) => s.info.as_ref(),
+            State::Negotiating(s) => s.info.as_ref(),
+            State::Ready(s) => Some(&s.info),
+            State::Start | State::Failed => None,
+        }
+    }
+
+    fn cipher(&self) -> Option<&SessionCipher> {
+        match self {
+            State::Negotiating(s) => s.cipher.as_ref(),
+            State::Ready(s) => s.cipher.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 /// Refusal text for the 4-argument CLI form (PROTOCOL.md §7.6).
@@ -115,11 +176,8 @@ pub struct ClientSession {
     client_version: String,
     legacy_cli: bool,
     state: State,
-    info: Option<SessionInfo>,
-    /// Response entries so far, while a data key is outstanding.
-    pending: Vec<ProcessedClientAction>,
-    pending_after_kms: Vec<ProcessedClientAction>,
-    cipher: Option<SessionCipher>,
+    nonces: Option<Arc<dyn NonceSource>>,
+    rejected: u64,
     events: VecDeque<SessionEvent>,
 }
 
@@ -139,12 +197,17 @@ impl ClientSession {
             client_version,
             legacy_cli,
             state: State::Start,
-            info: None,
-            pending: Vec::new(),
-            pending_after_kms: Vec::new(),
-            cipher: None,
+            nonces: None,
+            rejected: 0,
             events: VecDeque::new(),
         }
+    }
+
+    /// Seals with nonces from `source` instead of the OS's random numbers, so that an
+    /// encrypted session replays byte for byte in tests. Set before the data key arrives.
+    pub fn with_nonce_source(mut self, source: Arc<dyn NonceSource>) -> ClientSession {
+        self.nonces = Some(source);
+        self
     }
 
     pub fn channel(&self) -> &Channel {
@@ -155,12 +218,19 @@ impl ClientSession {
         &mut self.channel
     }
 
+    /// What the handshake established so far (the session type is known once the
+    /// HandshakeRequest is taken; `encrypted` once the data key is in place).
     pub fn info(&self) -> Option<&SessionInfo> {
-        self.info.as_ref()
+        self.state.info()
     }
 
     pub fn is_ready(&self) -> bool {
-        self.state == State::Ready
+        matches!(self.state, State::Ready(_))
+    }
+
+    /// Handshake messages rejected because they came outside the state that expects them.
+    pub fn rejected_handshake_messages(&self) -> u64 {
+        self.rejected
     }
 
     /// The next event. Channel events are pulled only as the driver asks for them, so a
@@ -196,6 +266,14 @@ impl ClientSession {
         self.events.push_back(SessionEvent::Failed(why));
     }
 
+    fn reject(&mut self, what: &str) {
+        self.rejected += 1;
+        tracing::warn!(
+            "ignoring {what} received while the session is {}",
+            self.state.name()
+        );
+    }
+
     fn on_channel_event(&mut self, now: Instant, ev: ChannelEvent) {
         match ev {
             ChannelEvent::Data {
@@ -212,15 +290,26 @@ impl ClientSession {
     }
 
     fn on_data(&mut self, now: Instant, payload_type: PayloadType, payload: Bytes) {
-        if self.state == State::Failed {
+        if matches!(self.state, State::Failed) {
             return;
         }
         match payload_type {
-            PayloadType::HandshakeRequest => self.on_handshake_request(now, &payload),
-            PayloadType::EncChallengeRequest => self.on_challenge(now, &payload),
-            PayloadType::HandshakeComplete => self.on_complete(&payload),
+            PayloadType::HandshakeRequest => match self.state {
+                State::Start => self.on_handshake_request(now, &payload),
+                _ => self.reject("a HandshakeRequest"),
+            },
+            PayloadType::EncChallengeRequest => match &self.state {
+                State::Negotiating(_) => self.on_challenge(now, &payload),
+                _ => self.reject("an encryption challenge"),
+            },
+            PayloadType::HandshakeComplete => match &self.state {
+                State::Negotiating(_) => self.on_complete(&payload),
+                // A HandshakeComplete with no handshake at all: the session type is unknown.
+                State::Start => self.fail("unable to determine SessionType".to_owned()),
+                _ => self.reject("a HandshakeComplete"),
+            },
             PayloadType::Output | PayloadType::StdErr | PayloadType::ExitCode => {
-                if self.state == State::Start {
+                if matches!(self.state, State::Start) {
                     // No handshake: a shell without KMS starts streaming at once (§6.6).
                     let info = SessionInfo {
                         session_type: "Standard_Stream".to_owned(),
@@ -229,14 +318,16 @@ impl ClientSession {
                         agent_version: String::new(),
                         encrypted: false,
                     };
-                    self.info = Some(info.clone());
-                    self.state = State::Ready;
+                    self.state = State::Ready(Ready {
+                        info: info.clone(),
+                        cipher: None,
+                    });
                     self.events.push_back(SessionEvent::Ready {
                         info,
                         customer_message: None,
                     });
                 }
-                let plain = match &self.cipher {
+                let plain = match self.state.cipher() {
                     Some(c) => match c.open(&payload) {
                         Ok(p) => Bytes::from(p),
                         Err(e) => {
@@ -271,6 +362,8 @@ impl ClientSession {
             Err(e) => return self.fail(format!("unreadable handshake request: {e}")),
         };
         let mut processed = Vec::new();
+        let mut after = Vec::new();
+        let mut info: Option<SessionInfo> = None;
         let mut kms: Option<KmsEncryptionRequest> = None;
         let mut after_kms = false;
         for a in &req.requested_client_actions {
@@ -288,7 +381,7 @@ impl ClientSession {
                             };
                             match kind {
                                 Some(kind) => {
-                                    self.info = Some(SessionInfo {
+                                    info = Some(SessionInfo {
                                         session_type: st.session_type,
                                         kind,
                                         properties: st.properties,
@@ -355,52 +448,75 @@ impl ClientSession {
                 ),
             };
             if after_kms {
-                self.pending_after_kms.push(entry);
+                after.push(entry);
             } else {
                 processed.push(entry);
             }
         }
-        if let Some(info) = &mut self.info {
+        if let Some(info) = &mut info {
             info.agent_version = req.agent_version.clone();
         }
-        self.pending = processed;
         match kms {
             Some(k) => {
-                self.state = State::AwaitingKey;
+                self.state = State::AwaitingKey(AwaitingKey {
+                    info,
+                    before_kms: processed,
+                    after_kms: after,
+                });
                 self.events.push_back(SessionEvent::DataKeyRequired {
                     key_id: k.kms_key_id,
                     challenge: k.challenge,
                 });
             }
-            None => self.send_response(now),
+            None => {
+                processed.extend(after);
+                self.send_response(now, info, None, processed);
+            }
         }
     }
 
-    /// The driver's answer to [`SessionEvent::DataKeyRequired`].
+    /// The driver's answer to [`SessionEvent::DataKeyRequired`]. Ignored in any other
+    /// state than waiting for it.
     pub fn provide_data_key(&mut self, now: Instant, key: Result<GeneratedDataKey, String>) {
-        if self.state != State::AwaitingKey {
-            return;
+        if !matches!(self.state, State::AwaitingKey(_)) {
+            return self.reject("a data key");
         }
+        let State::AwaitingKey(waiting) = std::mem::replace(&mut self.state, State::Failed) else {
+            return;
+        };
+        let AwaitingKey {
+            mut info,
+            mut before_kms,
+            after_kms,
+        } = waiting;
+        let mut cipher = None;
         let entry = match key.and_then(|mut k| {
             DataKey::from_slice(&k.plaintext)
                 .map(|dk| (dk, std::mem::take(&mut k.ciphertext_blob)))
                 .map_err(|e| e.to_string())
         }) {
             Ok((dk, blob)) => {
-                self.cipher = Some(SessionCipher::client(&dk));
-                if let Some(info) = &mut self.info {
+                let mut c = SessionCipher::client(&dk);
+                if let Some(n) = &self.nonces {
+                    c = c.with_nonce_source(n.clone());
+                }
+                cipher = Some(c);
+                if let Some(info) = &mut info {
                     info.encrypted = true;
                 }
                 let result = KmsEncryptionResponse {
                     kms_cipher_text_key: base64::engine::general_purpose::STANDARD.encode(blob),
                     kms_cipher_text_hash: None,
                 };
-                action(
-                    ACTION_KMS_ENCRYPTION,
-                    ACTION_SUCCESS,
-                    serde_json::to_value(result).unwrap_or(Value::Null),
-                    String::new(),
-                )
+                match serde_json::to_value(result) {
+                    Ok(v) => action(ACTION_KMS_ENCRYPTION, ACTION_SUCCESS, v, String::new()),
+                    Err(e) => action(
+                        ACTION_KMS_ENCRYPTION,
+                        ACTION_FAILED,
+                        Value::Null,
+                        format!("Failed to process action KMSEncryption: {e}"),
+                    ),
+                }
             }
             Err(e) => action(
                 ACTION_KMS_ENCRYPTION,
@@ -409,14 +525,18 @@ impl ClientSession {
                 format!("Failed to process action KMSEncryption: {e}"),
             ),
         };
-        self.pending.push(entry);
-        let rest = std::mem::take(&mut self.pending_after_kms);
-        self.pending.extend(rest);
-        self.send_response(now);
+        before_kms.push(entry);
+        before_kms.extend(after_kms);
+        self.send_response(now, info, cipher, before_kms);
     }
 
-    fn send_response(&mut self, now: Instant) {
-        let actions = std::mem::take(&mut self.pending);
+    fn send_response(
+        &mut self,
+        now: Instant,
+        info: Option<SessionInfo>,
+        cipher: Option<SessionCipher>,
+        actions: Vec<ProcessedClientAction>,
+    ) {
         let errors: Vec<String> = actions
             .iter()
             .filter(|a| !a.error.is_empty())
@@ -428,8 +548,11 @@ impl ClientSession {
             processed_client_actions: actions,
             errors: (!errors.is_empty()).then_some(errors.clone()),
         };
-        let body = serde_json::to_vec(&resp).unwrap_or_default();
-        self.state = State::Negotiating;
+        let body = match serde_json::to_vec(&resp) {
+            Ok(b) => b,
+            Err(e) => return self.fail(format!("cannot encode the handshake response: {e}")),
+        };
+        self.state = State::Negotiating(Negotiating { info, cipher });
         if let Err(e) = self
             .channel
             .send(now, PayloadType::HandshakeResponse, Bytes::from(body))
@@ -443,7 +566,7 @@ impl ClientSession {
     }
 
     fn on_challenge(&mut self, now: Instant, payload: &[u8]) {
-        let Some(cipher) = &self.cipher else {
+        let Some(cipher) = self.state.cipher() else {
             return self.fail("encryption challenge without a data key".to_owned());
         };
         let req: EncryptionChallenge = match serde_json::from_slice(payload) {
@@ -454,8 +577,10 @@ impl ClientSession {
             Ok(a) => a,
             Err(e) => return self.fail(format!("cannot answer the encryption challenge: {e}")),
         };
-        let body =
-            serde_json::to_vec(&EncryptionChallenge { challenge: answer }).unwrap_or_default();
+        let body = match serde_json::to_vec(&EncryptionChallenge { challenge: answer }) {
+            Ok(b) => b,
+            Err(e) => return self.fail(format!("cannot encode the challenge response: {e}")),
+        };
         if let Err(e) = self
             .channel
             .send(now, PayloadType::EncChallengeResponse, Bytes::from(body))
@@ -470,10 +595,16 @@ impl ClientSession {
                 handshake_time_to_complete: 0,
                 customer_message: String::new(),
             });
-        let Some(info) = self.info.clone() else {
+        let State::Negotiating(n) = std::mem::replace(&mut self.state, State::Failed) else {
+            return self.fail("HandshakeComplete outside the handshake".to_owned());
+        };
+        let Some(info) = n.info else {
             return self.fail("unable to determine SessionType".to_owned());
         };
-        self.state = State::Ready;
+        self.state = State::Ready(Ready {
+            info: info.clone(),
+            cipher: n.cipher,
+        });
         self.events.push_back(SessionEvent::Ready {
             info,
             customer_message: (!done.customer_message.is_empty()).then_some(done.customer_message),
@@ -483,21 +614,32 @@ impl ClientSession {
     /// Largest plaintext chunk one Output message carries.
     pub fn max_data_chunk(&self) -> usize {
         let max = self.channel.config().max_payload;
-        if self.cipher.is_some() {
+        if self.state.cipher().is_some() {
             max.saturating_sub(NONCE_LEN + TAG_LEN).max(1)
         } else {
             max
         }
     }
 
+    /// [`SendError::NotReady`] unless the handshake is complete: the agent would drop
+    /// anything else, and with KMS requested it would arrive unencrypted.
+    fn check_ready(&self) -> Result<(), SendError> {
+        if self.is_ready() {
+            Ok(())
+        } else {
+            Err(SendError::NotReady)
+        }
+    }
+
     /// Sends up to one chunk of user data as Output; returns how many bytes were taken.
     pub fn send_output(&mut self, now: Instant, data: &[u8]) -> Result<usize, SendError> {
+        self.check_ready()?;
         if data.is_empty() {
             return Err(SendError::Empty);
         }
         let n = data.len().min(self.max_data_chunk());
         let chunk = &data[..n];
-        let payload = match &self.cipher {
+        let payload = match self.state.cipher() {
             Some(c) => Bytes::from(c.seal(chunk).map_err(|_| SendError::Encrypt)?),
             None => Bytes::copy_from_slice(chunk),
         };
@@ -507,13 +649,15 @@ impl ClientSession {
 
     /// Sends the terminal size.
     pub fn send_size(&mut self, now: Instant, size: SizeData) -> Result<i64, SendError> {
-        let body = serde_json::to_vec(&size).unwrap_or_default();
+        self.check_ready()?;
+        let body = serde_json::to_vec(&size).map_err(|_| SendError::Empty)?;
         self.channel.send(now, PayloadType::Size, Bytes::from(body))
     }
 
     /// Sends a Flag message (DisconnectToPort, TerminateSession), past the send window
     /// ([`crate::channel::Channel::send_control`]): callers order it after data themselves.
     pub fn send_flag(&mut self, now: Instant, flag: Flag) -> Result<i64, SendError> {
+        self.check_ready()?;
         self.channel.send_control(
             now,
             PayloadType::Flag,
