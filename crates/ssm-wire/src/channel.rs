@@ -61,7 +61,12 @@ impl Role {
 /// this, [`Channel::wants_input`] turns false and new stream messages are refused
 /// ([`ReceiveError::AcksFull`], left for the peer to resend), so a peer that sends
 /// faster than the pacer lets this end acknowledge cannot grow the queue.
-pub const MAX_QUEUED_ACKS: usize = 1024;
+///
+/// 16 384 (about 5 MiB of frames) is above what a well-behaved agent can have
+/// unacknowledged in a burst of 1 KiB messages (16 MiB): at 1024 the queue bound, not the
+/// agent's window, throttled a paced download to the pacer's rate after its first MiB
+/// (1.06 MiB/s against 187 MiB/s before, for an 8 MiB download on loopback).
+pub const MAX_QUEUED_ACKS: usize = 16_384;
 
 /// Tuning knobs. The defaults suit the real service; see the README for each.
 #[derive(Clone, Debug)]
