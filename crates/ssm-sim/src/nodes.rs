@@ -102,6 +102,10 @@ fn strings(v: Option<&Value>) -> Vec<String> {
 /// ResourceType), `InstanceInformationFilterList` (the same keys, lower camel case),
 /// `MaxResults` (5..=50, default 50) and `NextToken`.
 pub(crate) fn describe_instance_information(inner: &Inner, v: &Value) -> (u16, Vec<u8>) {
+    describe(&lock(&inner.nodes), v)
+}
+
+fn describe(nodes: &[ManagedNode], v: &Value) -> (u16, Vec<u8>) {
     let mut filters: Vec<(String, Vec<String>)> = Vec::new();
     for f in v
         .get("Filters")
@@ -151,7 +155,6 @@ pub(crate) fn describe_instance_information(inner: &Inner, v: &Value) -> (u16, V
             None => return error("InvalidNextToken", "the NextToken is not valid"),
         },
     };
-    let nodes = lock(&inner.nodes);
     let matching: Vec<&ManagedNode> = nodes
         .iter()
         .filter(|n| {
@@ -216,6 +219,10 @@ pub(crate) fn send_ssh_public_key(inner: &Inner, v: &Value) -> (u16, Vec<u8>) {
 
 /// `GET /ec2-instance-connect/keys?instance=ID&user=NAME`: the still-valid keys.
 pub(crate) fn valid_keys(inner: &Inner, query: &str) -> String {
+    keys_text(&lock(&inner.pushed_keys), query, Instant::now())
+}
+
+fn keys_text(keys: &[PushedKey], query: &str, now: Instant) -> String {
     let mut instance = None;
     let mut user = None;
     for pair in query.split('&') {
@@ -225,9 +232,11 @@ pub(crate) fn valid_keys(inner: &Inner, query: &str) -> String {
             _ => {}
         }
     }
-    let keys = lock(&inner.pushed_keys);
     let mut out = String::new();
-    for k in keys.iter().filter(|k| k.at.elapsed() < KEY_LIFETIME) {
+    for k in keys
+        .iter()
+        .filter(|k| now.saturating_duration_since(k.at) < KEY_LIFETIME)
+    {
         if instance.as_ref().is_some_and(|i| *i != k.instance_id)
             || user.as_ref().is_some_and(|u| *u != k.os_user)
         {
@@ -237,4 +246,73 @@ pub(crate) fn valid_keys(inner: &Inner, query: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describe_filters_and_pages() {
+        let mut nodes: Vec<ManagedNode> = (0..7)
+            .map(|i| ManagedNode::online(&format!("i-{i:017x}"), &format!("host{i}"), "10.0.0.1"))
+            .collect();
+        nodes[3].ping_status = "ConnectionLost".into();
+        let page = |v: Value| -> Value {
+            let (status, body) = describe(&nodes, &v);
+            assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+            serde_json::from_slice(&body).unwrap()
+        };
+        let first = page(json!({"MaxResults": 5}));
+        assert_eq!(
+            first["InstanceInformationList"].as_array().unwrap().len(),
+            5
+        );
+        let token = first["NextToken"].as_str().unwrap().to_owned();
+        let second = page(json!({"MaxResults": 5, "NextToken": token}));
+        assert_eq!(
+            second["InstanceInformationList"].as_array().unwrap().len(),
+            2
+        );
+        assert!(second.get("NextToken").is_none());
+        let lost = page(json!({"Filters": [{"Key": "PingStatus", "Values": ["ConnectionLost"]}]}));
+        assert_eq!(lost["InstanceInformationList"][0]["ComputerName"], "host3");
+        let by_id = page(json!({"InstanceInformationFilterList":
+            [{"key": "InstanceIds", "valueSet": [nodes[6].instance_id]}]}));
+        assert_eq!(
+            by_id["InstanceInformationList"].as_array().unwrap().len(),
+            1
+        );
+        for bad in [
+            json!({"MaxResults": 51}),
+            json!({"NextToken": "x"}),
+            json!({"Filters": [{"Key": "Bogus", "Values": ["x"]}]}),
+        ] {
+            assert_eq!(describe(&nodes, &bad).0, 400, "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_expire_after_60_seconds() {
+        let now = Instant::now();
+        let key = |id: &str, user: &str, key: &str, age: u64| PushedKey {
+            instance_id: id.into(),
+            os_user: user.into(),
+            public_key: key.into(),
+            at: now
+                .checked_sub(Duration::from_secs(age))
+                .expect("the monotonic clock is past a minute"),
+        };
+        let keys = vec![
+            key("i-1", "root", "ssh-ed25519 AAAA old", 61),
+            key("i-1", "root", "ssh-ed25519 BBBB new", 59),
+            key("i-1", "admin", "ssh-ed25519 CCCC other-user", 1),
+            key("i-2", "root", "ssh-ed25519 DDDD other-instance", 1),
+        ];
+        assert_eq!(
+            keys_text(&keys, "instance=i-1&user=root", now),
+            "ssh-ed25519 BBBB new\n"
+        );
+        assert_eq!(keys_text(&keys, "user=root", now).lines().count(), 2);
+    }
 }
