@@ -48,6 +48,11 @@ impl SessionApi for Aws {
     }
 }
 
+/// The API over an existing context (the standalone client shares one among sessions).
+pub fn from_context(context: AwsContext) -> Arc<dyn SessionApi> {
+    Arc::new(Aws(context))
+}
+
 /// The API for this invocation.
 pub fn new(args: &StartSessionArgs) -> Arc<dyn SessionApi> {
     Arc::new(Aws(AwsContext::new(

@@ -260,6 +260,10 @@ struct Loaded {
     credentials: Option<SharedCredentialsProvider>,
     ssm: Result<Endpoint, AwsError>,
     kms: Result<Endpoint, AwsError>,
+    /// EC2 (`DescribeInstances`, for the standalone client's target names).
+    ec2: Result<Endpoint, AwsError>,
+    /// EC2 Instance Connect (`SendSSHPublicKey`).
+    ec2_instance_connect: Result<Endpoint, AwsError>,
     connector: Connector,
     max_attempts: u32,
     initial_backoff: Duration,
@@ -286,11 +290,14 @@ impl fmt::Debug for AwsContext {
     }
 }
 
-/// The AWS JSON 1.1 services this module calls.
+/// The services this module calls (AWS JSON 1.1, EC2 alone speaks the EC2 query
+/// protocol).
 #[derive(Clone, Copy, Debug)]
-enum Service {
+pub enum Service {
     Ssm,
     Kms,
+    Ec2,
+    Ec2InstanceConnect,
 }
 
 impl Service {
@@ -298,9 +305,14 @@ impl Service {
         match self {
             Service::Ssm => "ssm",
             Service::Kms => "kms",
+            Service::Ec2 => "ec2",
+            Service::Ec2InstanceConnect => "ec2-instance-connect",
         }
     }
 }
+
+/// Content type of EC2 query-protocol requests.
+const FORM: &str = "application/x-www-form-urlencoded; charset=utf-8";
 
 impl AwsContext {
     /// A context for the region, profile and SSM endpoint the AWS CLI passed (argv 2, 4, 6).
@@ -524,17 +536,70 @@ impl AwsContext {
         target: &'static str,
         body: &serde_json::Value,
     ) -> Result<Zeroizing<Vec<u8>>, AwsError> {
+        let payload = serde_json::to_vec(body).map_err(|e| AwsError::Request {
+            operation,
+            message: e.to_string(),
+        })?;
+        self.call_raw(service, operation, JSON_11, Some(target), payload)
+            .await
+    }
+
+    /// An AWS JSON 1.1 call for the standalone client (`X-Amz-Target` is `target`); the
+    /// response body as JSON.
+    pub async fn call_json(
+        &self,
+        service: Service,
+        operation: &'static str,
+        target: &'static str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, AwsError> {
+        let response = self.call(service, operation, target, body).await?;
+        if response.is_empty() {
+            return Ok(serde_json::Value::Object(Default::default()));
+        }
+        parse_output(operation, &response)
+    }
+
+    /// An EC2 query-protocol call (`Action=operation&Version=2016-11-15&…`, form-encoded
+    /// POST); the response body (XML).
+    pub async fn call_ec2(
+        &self,
+        operation: &'static str,
+        params: &[(String, String)],
+    ) -> Result<String, AwsError> {
+        let mut form = format!("Action={operation}&Version=2016-11-15");
+        for (k, v) in params {
+            form.push('&');
+            form.push_str(&form_encode(k));
+            form.push('=');
+            form.push_str(&form_encode(v));
+        }
+        let body = self
+            .call_raw(Service::Ec2, operation, FORM, None, form.into_bytes())
+            .await?;
+        String::from_utf8(body.to_vec()).map_err(|_| AwsError::InvalidResponse {
+            operation,
+            message: "the response is not UTF-8".to_owned(),
+        })
+    }
+
+    async fn call_raw(
+        &self,
+        service: Service,
+        operation: &'static str,
+        content_type: &'static str,
+        target: Option<&'static str>,
+        payload: Vec<u8>,
+    ) -> Result<Zeroizing<Vec<u8>>, AwsError> {
         let loaded = self.loaded().await?;
         let region = loaded.region()?.to_owned();
         let endpoint = match service {
             Service::Ssm => &loaded.ssm,
             Service::Kms => &loaded.kms,
+            Service::Ec2 => &loaded.ec2,
+            Service::Ec2InstanceConnect => &loaded.ec2_instance_connect,
         };
         let endpoint = endpoint.clone()?;
-        let payload = serde_json::to_vec(body).map_err(|e| AwsError::Request {
-            operation,
-            message: e.to_string(),
-        })?;
         let credentials = self.credentials(loaded).await?;
         let mut attempt = 1u32;
         loop {
@@ -543,7 +608,7 @@ impl AwsContext {
                     loaded,
                     service,
                     operation,
-                    target,
+                    (content_type, target),
                     &endpoint,
                     &region,
                     &credentials,
@@ -572,17 +637,19 @@ impl AwsContext {
         loaded: &Loaded,
         service: Service,
         operation: &'static str,
-        target: &'static str,
+        (content_type, target): (&'static str, Option<&'static str>),
         endpoint: &Endpoint,
         region: &str,
         credentials: &Credentials,
         payload: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, AwsError> {
-        let fixed = [
+        let mut fixed = vec![
             ("host", endpoint.host.as_str()),
-            ("content-type", JSON_11),
-            ("x-amz-target", target),
+            ("content-type", content_type),
         ];
+        if let Some(target) = target {
+            fixed.push(("x-amz-target", target));
+        }
         let signed = sign_request(
             "POST",
             &endpoint.url,
@@ -757,6 +824,19 @@ fn is_presigned(url: &str) -> bool {
     })
 }
 
+/// `application/x-www-form-urlencoded` value encoding (RFC 3986 unreserved kept).
+fn form_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -836,9 +916,18 @@ fn parse_error(status: u16, error_type: Option<&str>, body: &[u8]) -> (String, S
             .find_map(|n| obj.get(*n).and_then(|v| v.as_str()))
             .map(str::to_owned)
     };
+    // EC2 query-protocol errors are XML: `<Errors><Error><Code>…</Code><Message>…`.
+    let xml = |tag: &str| -> Option<String> {
+        let text = std::str::from_utf8(body).ok()?;
+        let open = format!("<{tag}>");
+        let start = text.find(&open)? + open.len();
+        let end = text[start..].find(&format!("</{tag}>"))? + start;
+        Some(text[start..end].trim().to_owned())
+    };
     let raw_code = error_type
         .map(str::to_owned)
         .or_else(|| field(&["__type", "code", "Code"]))
+        .or_else(|| xml("Code"))
         .unwrap_or_default();
     let code = sanitize_error_code(&raw_code);
     let code = if code.is_empty() {
@@ -847,6 +936,7 @@ fn parse_error(status: u16, error_type: Option<&str>, body: &[u8]) -> (String, S
         code
     };
     let message = field(&["message", "Message", "errorMessage"])
+        .or_else(|| xml("Message"))
         .filter(|m| !m.is_empty())
         .unwrap_or_else(|| format!("HTTP status {status}"));
     (code, message)
@@ -967,6 +1057,22 @@ async fn load(options: &Options) -> Result<Loaded, AwsError> {
         fips,
         dual_stack,
     );
+    let ec2 = resolve_endpoint(
+        "ec2",
+        None,
+        configured("EC2"),
+        region.as_deref(),
+        fips,
+        dual_stack,
+    );
+    let ec2_instance_connect = resolve_endpoint(
+        "ec2-instance-connect",
+        None,
+        configured("EC2 Instance Connect"),
+        region.as_deref(),
+        fips,
+        dual_stack,
+    );
     if let Ok(e) = &ssm {
         tracing::debug!(endpoint = %e.url, "SSM endpoint");
     }
@@ -990,6 +1096,8 @@ async fn load(options: &Options) -> Result<Loaded, AwsError> {
         credentials,
         ssm,
         kms,
+        ec2,
+        ec2_instance_connect,
         connector: http.connector(&settings, None),
         max_attempts: retry.max_attempts().max(1),
         initial_backoff: retry.initial_backoff(),

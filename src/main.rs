@@ -2,6 +2,7 @@
 
 mod api;
 mod aws;
+mod cli;
 mod console;
 mod invocation;
 mod logging;
@@ -31,6 +32,11 @@ pub mod exit {
 fn main() -> ExitCode {
     let _log = logging::init();
     let args: Vec<String> = std::env::args().collect();
+    // The standalone client only for its own subcommand names (and --help); every other
+    // argv is the AWS CLI's contract, handled exactly as before.
+    if cli::handles(&args) {
+        return ExitCode::from(cli::main(args));
+    }
     // The env-var form: read the response, then remove it from our environment at once, so
     // no child process or crash report can see the token. This runs before any thread exists.
     let parsed = invocation::parse(&args, |name| {

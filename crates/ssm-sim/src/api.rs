@@ -1,7 +1,9 @@
 //! The SSM and KMS APIs over AWS JSON 1.1 (`X-Amz-Target` dispatch, POST `/`).
 //!
 //! Served operations: `AmazonSSM.StartSession`, `AmazonSSM.ResumeSession`,
-//! `AmazonSSM.TerminateSession`, `TrentService.GenerateDataKey`. Errors use the AWS shape
+//! `AmazonSSM.TerminateSession`, `AmazonSSM.DescribeInstanceInformation`,
+//! `TrentService.GenerateDataKey`, `AWSEC2InstanceConnectService.SendSSHPublicKey`, and
+//! `GET /ec2-instance-connect/keys` (see `nodes`). Errors use the AWS shape
 //! `{"__type": "...", "message": "..."}` with status 400. Signatures are not checked, but
 //! every call is recorded with its headers ([`ApiCall`]) for SigV4 assertions.
 
@@ -86,6 +88,19 @@ pub(crate) async fn serve_connection(stream: Box<dyn Io>, inner: Arc<Inner>) {
             }
         };
         let close = head.wants_close();
+        if head.method == "GET" && head.path() == "/ec2-instance-connect/keys" {
+            let query = head.target.split_once('?').map(|(_, q)| q).unwrap_or("");
+            let keys = crate::nodes::valid_keys(&inner, query);
+            if conn
+                .respond(200, "text/plain", &[], keys.as_bytes(), close)
+                .await
+                .is_err()
+                || close
+            {
+                return;
+            }
+            continue;
+        }
         let (status, body) = handle(&inner, &head, &body);
         let request_id = uuid::Uuid::new_v4().hyphenated().to_string();
         if conn
@@ -164,6 +179,12 @@ fn dispatch(inner: &Inner, target: &str, v: &Value) -> (u16, Vec<u8>) {
             ok(json!({ "SessionId": id }))
         }
         "TrentService.GenerateDataKey" => generate_data_key(inner, v),
+        "AmazonSSM.DescribeInstanceInformation" => {
+            crate::nodes::describe_instance_information(inner, v)
+        }
+        "AWSEC2InstanceConnectService.SendSSHPublicKey" => {
+            crate::nodes::send_ssh_public_key(inner, v)
+        }
         "" => error(400, "MissingAction", "X-Amz-Target header is missing"),
         other => error(
             400,

@@ -15,7 +15,8 @@
 //! ```
 //!
 //! One listener serves both the AWS JSON 1.1 API (`AmazonSSM.StartSession`,
-//! `ResumeSession`, `TerminateSession`, `TrentService.GenerateDataKey`) and the data
+//! `ResumeSession`, `TerminateSession`, `DescribeInstanceInformation`,
+//! `TrentService.GenerateDataKey`, EC2 Instance Connect's `SendSSHPublicKey`) and the data
 //! channel WebSocket `/v1/data-channel/<SessionId>`; with `tls` both are HTTPS/WSS under a
 //! throwaway CA.
 //!
@@ -49,6 +50,7 @@ mod gateway;
 mod http;
 mod kms;
 mod netem;
+mod nodes;
 mod plugins;
 mod pty;
 mod session;
@@ -62,6 +64,7 @@ pub use config::{
 };
 pub use kms::KmsRequest;
 pub use netem::link_overshoot;
+pub use nodes::{ManagedNode, PushedKey, KEY_LIFETIME};
 pub use ssm_wire::payload::StartSessionResponse;
 pub use stats::SessionStats;
 
@@ -169,6 +172,10 @@ pub(crate) struct Inner {
     pub counter: AtomicU64,
     pub kms: Arc<KmsStore>,
     pub api_calls: Mutex<Vec<ApiCall>>,
+    /// What DescribeInstanceInformation lists.
+    pub nodes: Mutex<Vec<nodes::ManagedNode>>,
+    /// Every accepted SendSSHPublicKey.
+    pub pushed_keys: Mutex<Vec<nodes::PushedKey>>,
     pub shutdown: watch::Receiver<bool>,
     pub rng: Mutex<StdRng>,
     /// Mixed into every session id so that ids differ across simulator instances and
@@ -345,6 +352,8 @@ impl Simulator {
             counter: AtomicU64::new(0),
             kms: Arc::new(KmsStore::default()),
             api_calls: Mutex::new(Vec::new()),
+            nodes: Mutex::new(Vec::new()),
+            pushed_keys: Mutex::new(Vec::new()),
             shutdown: shutdown_rx,
             rng: Mutex::new(StdRng::seed_from_u64(config.seed ^ 0xA11C_E5ED)),
             id_nonce: id_nonce(),
@@ -466,6 +475,16 @@ impl Simulator {
     /// Every API call received, in order (target, headers, body, status).
     pub fn api_calls(&self) -> Vec<ApiCall> {
         lock(&self.inner.api_calls).clone()
+    }
+
+    /// Adds a node to what DescribeInstanceInformation lists (in this order).
+    pub fn add_managed_node(&self, node: ManagedNode) {
+        lock(&self.inner.nodes).push(node);
+    }
+
+    /// Every key accepted by SendSSHPublicKey, oldest first.
+    pub fn pushed_keys(&self) -> Vec<PushedKey> {
+        lock(&self.inner.pushed_keys).clone()
     }
 
     /// Every GenerateDataKey call received.

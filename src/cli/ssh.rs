@@ -1,0 +1,155 @@
+//! `ssh-proxy HOST PORT [--user USER] [--push-key PUBKEY]`, for
+//! `ProxyCommand session-manager-plugin ssh-proxy %h %p --user %r`: resolves HOST as a
+//! target, optionally pushes a public key with EC2 Instance Connect (valid for 60 s, so
+//! none needs to live on the instance), then runs AWS-StartSSHSession with stdin/stdout
+//! carried byte-exact; nothing else is written to stdout. `ssh-config` prints a ready
+//! `~/.ssh/config` block.
+
+use std::path::PathBuf;
+
+use super::aws_ops::{self, StartRequest};
+use super::{load_config, runtime, target, AwsArgs, Client, Failure};
+use crate::console::Console;
+
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Example (~/.ssh/config):\n  Host web-* i-* mi-*\n    \
+ProxyCommand session-manager-plugin ssh-proxy %h %p --user %r --push-key ~/.ssh/id_ed25519.pub")]
+pub struct ProxyArgs {
+    /// Instance id or name (ssh's %h).
+    pub host: String,
+    /// Port on the instance (ssh's %p).
+    pub port: u16,
+    /// Remote user (ssh's %r): the user --push-key authorizes.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Push this OpenSSH public key with EC2 Instance Connect first (needs --user).
+    #[arg(long = "push-key", value_name = "PUBKEY", requires = "user")]
+    pub push_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+pub fn proxy_main(a: ProxyArgs) -> Result<u8, Failure> {
+    let key = match &a.push_key {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| Failure::usage(format!("--push-key {}: {e}", path.display())))?;
+            let key = text.trim().to_owned();
+            if key.is_empty() || key.contains('\n') || key.starts_with("-----") {
+                return Err(Failure::usage(format!(
+                    "--push-key {}: not a one-line OpenSSH public key (the .pub file)",
+                    path.display()
+                )));
+            }
+            Some(key)
+        }
+        None => None,
+    };
+    let cfg = load_config(&a.aws)?;
+    let client = Client::new(&a.aws, &cfg.defaults)?;
+    let rt = runtime()?;
+    let id = target::resolve(&rt, &client.aws, &a.host)?;
+    if let (Some(key), Some(user)) = (&key, &a.user) {
+        rt.block_on(aws_ops::send_ssh_public_key(&client.aws, &id, user, key))?;
+    }
+    let req =
+        StartRequest::new(id, Some("AWS-StartSSHSession")).param("portNumber", a.port.to_string());
+    let mut options = client.options.clone();
+    options.quiet = true;
+    let code = rt.block_on(client.start_and_run(&req, Console { quiet: true }, options));
+    rt.shutdown_background();
+    code
+}
+
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Example:\n  session-manager-plugin ssh-config 'web-*' --user ec2-user \
+--push-key ~/.ssh/id_ed25519.pub >> ~/.ssh/config"
+)]
+pub struct ConfigArgs {
+    /// Host patterns the block applies to.
+    #[arg(default_values_t = ["i-*".to_string(), "mi-*".to_string()])]
+    pub hosts: Vec<String>,
+    /// User to log in as (ssh's User).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+    /// Public key to push before each connection (its private half becomes IdentityFile).
+    #[arg(long = "push-key", value_name = "PUBKEY")]
+    pub push_key: Option<PathBuf>,
+    /// Profile the ProxyCommand uses.
+    #[arg(long, value_name = "NAME")]
+    pub profile: Option<String>,
+    /// Region the ProxyCommand uses.
+    #[arg(long, value_name = "REGION")]
+    pub region: Option<String>,
+}
+
+/// Quotes a word for the shell ssh runs ProxyCommand with, when it needs quoting.
+fn q(s: &str) -> String {
+    super::run::sh_quote(s)
+}
+
+pub fn config_main(a: ConfigArgs) -> Result<u8, Failure> {
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "session-manager-plugin".to_owned());
+    print!("{}", config_block(&a, &exe));
+    Ok(crate::exit::OK)
+}
+
+fn config_block(a: &ConfigArgs, exe: &str) -> String {
+    let mut proxy = format!("{} ssh-proxy %h %p --user %r", q(exe));
+    if let Some(k) = &a.push_key {
+        proxy.push_str(&format!(" --push-key {}", q(&k.display().to_string())));
+    }
+    if let Some(p) = &a.profile {
+        proxy.push_str(&format!(" --profile {}", q(p)));
+    }
+    if let Some(r) = &a.region {
+        proxy.push_str(&format!(" --region {}", q(r)));
+    }
+    let mut out = String::from(
+        "# ssh through AWS Systems Manager Session Manager (session-manager-plugin ssh-config)\n",
+    );
+    out.push_str(&format!("Host {}\n", a.hosts.join(" ")));
+    out.push_str(&format!("    ProxyCommand {proxy}\n"));
+    if let Some(u) = &a.user {
+        out.push_str(&format!("    User {u}\n"));
+    }
+    if let Some(k) = &a.push_key {
+        let text = k.display().to_string();
+        if let Some(private) = text.strip_suffix(".pub") {
+            if private.contains(char::is_whitespace) {
+                out.push_str(&format!("    IdentityFile \"{private}\"\n"));
+            } else {
+                out.push_str(&format!("    IdentityFile {private}\n"));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block() {
+        let a = ConfigArgs {
+            hosts: vec!["web-*".into()],
+            user: Some("ec2-user".into()),
+            push_key: Some("/home/me/.ssh/id ed.pub".into()),
+            profile: Some("dev".into()),
+            region: None,
+        };
+        assert_eq!(
+            config_block(&a, "/usr/bin/session-manager-plugin"),
+            "# ssh through AWS Systems Manager Session Manager (session-manager-plugin ssh-config)\n\
+             Host web-*\n    \
+             ProxyCommand /usr/bin/session-manager-plugin ssh-proxy %h %p --user %r \
+             --push-key '/home/me/.ssh/id ed.pub' --profile dev\n    \
+             User ec2-user\n    \
+             IdentityFile \"/home/me/.ssh/id ed\"\n"
+        );
+    }
+}
