@@ -35,7 +35,9 @@ fn main() -> ExitCode {
     // The standalone client only for its own subcommand names (and --help); every other
     // argv is the AWS CLI's contract, handled exactly as before.
     if cli::handles(&args) {
-        return ExitCode::from(cli::main(args));
+        let code = cli::main(args);
+        drop(_log);
+        exit_now(code);
     }
     // The env-var form: read the response, then remove it from our environment at once, so
     // no child process or crash report can see the token. This runs before any thread exists.
@@ -79,15 +81,19 @@ fn main() -> ExitCode {
             drop(out);
             let code = session_main(*args);
             drop(_log);
-            // Exit now: a thread still blocked reading stdin (a pipe that stays open) or
-            // writing to a terminal must not keep a finished session's process alive.
-            let _ = std::io::stdout().flush();
-            let _ = std::io::stderr().flush();
-            std::process::exit(i32::from(code));
+            exit_now(code);
         }
     };
     let _ = out.flush();
     ExitCode::from(code)
+}
+
+/// Exits at once after a session: a thread still blocked reading stdin (a pipe that stays
+/// open) or writing to a terminal must not keep a finished session's process alive.
+fn exit_now(code: u8) -> ! {
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    std::process::exit(i32::from(code))
 }
 
 fn report_start_error(e: &InvocationError) {
