@@ -8,7 +8,7 @@
 
 #[cfg(not(unix))]
 pub fn record(_file: &std::path::Path, _target: &str) -> Result<u8, super::Failure> {
-    Err(Failure::usage("--record needs a Unix terminal"))
+    Err(super::Failure::usage("--record needs a Unix terminal"))
 }
 
 /// argv without `--record FILE` / `--record=FILE`.
