@@ -15,7 +15,9 @@
 //! - `ssh` (root and /usr/sbin/sshd needed, else skipped): `ssh … root@i-… true` with
 //!   `ProxyCommand session-manager-plugin ssh-proxy %h %p` against AWS's documented
 //!   `ProxyCommand sh -c "aws ssm start-session --target %h --document-name
-//!   AWS-StartSSHSession --parameters portNumber=%p"`.
+//!   AWS-StartSSHSession --parameters portNumber=%p"`; in the same turn, the same login
+//!   straight to sshd's port (no proxy: what ssh and sshd cost by themselves), and each
+//!   path's time above that floor.
 //!
 //! The simulator serves TLS in this process (its CA in `AWS_CA_BUNDLE`); credentials are
 //! dummies; nothing leaves loopback.
@@ -138,32 +140,44 @@ fn stat(mut v: Vec<f64>) -> (f64, f64, f64) {
     (median, v[0], v[v.len() - 1])
 }
 
-/// Runs both argvs alternately `runs` times and prints one table row.
+fn cell(v: &[f64]) -> String {
+    let (m, min, max) = stat(v.to_vec());
+    format!("{:.1} ms ({:.1}–{:.1})", m * 1e3, min * 1e3, max * 1e3)
+}
+
+/// Runs both argvs alternately `runs` times and prints one table row. With `floor`
+/// (the same work without any proxy), that is timed in the same turn and two more rows
+/// follow: the floor itself, and each path's time above it (run by run).
 async fn compare(
     name: &str,
     ours: &[String],
     cli: &[String],
+    floor: Option<&[String]>,
     env: &[(String, String)],
     runs: usize,
 ) -> Result<(), String> {
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let (mut a, mut b, mut f) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs {
         a.push(timed(ours, env).await?);
         b.push(timed(cli, env).await?);
+        if let Some(argv) = floor {
+            f.push(timed(argv, env).await?);
+        }
         eprintln!("{name} run {}: {:.3} s / {:.3} s", i + 1, a[i], b[i]);
     }
-    let (am, amin, amax) = stat(a);
-    let (bm, bmin, bmax) = stat(b);
-    println!(
-        "| {name} | {:.1} ms ({:.1}–{:.1}) | {:.1} ms ({:.1}–{:.1}) | {:.3} |",
-        am * 1e3,
-        amin * 1e3,
-        amax * 1e3,
-        bm * 1e3,
-        bmin * 1e3,
-        bmax * 1e3,
-        am / bm
-    );
+    let ratio = stat(a.clone()).0 / stat(b.clone()).0;
+    println!("| {name} | {} | {} | {ratio:.3} |", cell(&a), cell(&b));
+    if !f.is_empty() {
+        println!("| {name}: no proxy at all (the floor) | {} | | |", cell(&f));
+        let above = |v: &[f64]| v.iter().zip(&f).map(|(x, y)| x - y).collect::<Vec<_>>();
+        let (aa, ba) = (above(&a), above(&b));
+        let ratio = stat(aa.clone()).0 / stat(ba.clone()).0;
+        println!(
+            "| {name}: time above the floor | {} | {} | {ratio:.3} |",
+            cell(&aa),
+            cell(&ba)
+        );
+    }
     Ok(())
 }
 
@@ -250,7 +264,7 @@ async fn run(o: Opts) -> Result<(), String> {
         "--endpoint-url",
         &sim.endpoint_url(),
     ]);
-    compare("`run TARGET -- true`", &ours, &cli, &env, o.runs).await?;
+    compare("`run TARGET -- true`", &ours, &cli, None, &env, o.runs).await?;
 
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
@@ -261,7 +275,7 @@ async fn run(o: Opts) -> Result<(), String> {
     let key = dir.0.join("id");
     keygen(&key).await?;
     let (_sshd, port) = sshd(&dir.0, &dir.0.join("id.pub")).await?;
-    let ssh = |proxy: String| {
+    let ssh = |proxy: Option<String>| {
         let mut v = s(&[
             "ssh",
             "-F",
@@ -277,18 +291,28 @@ async fn run(o: Opts) -> Result<(), String> {
             "-i",
         ]);
         v.push(key.display().to_string());
-        v.extend(s(&["-p", &port.to_string(), "-o"]));
-        v.push(format!("ProxyCommand={proxy}"));
-        v.extend(s(&[&format!("root@{DEFAULT_TARGET}"), "true"]));
+        v.extend(s(&["-p", &port.to_string()]));
+        match proxy {
+            Some(p) => {
+                v.push("-o".into());
+                v.push(format!("ProxyCommand={p}"));
+                v.push(format!("root@{DEFAULT_TARGET}"));
+            }
+            // The same login straight to sshd's loopback port.
+            None => v.push("root@127.0.0.1".into()),
+        }
+        v.push("true".into());
         v
     };
-    let ours = ssh(format!("{plugin} ssh-proxy %h %p"));
-    let cli = ssh(format!(
+    let ours = ssh(Some(format!("{plugin} ssh-proxy %h %p")));
+    let cli = ssh(Some(format!(
         "sh -c \"{} ssm start-session --target %h --document-name AWS-StartSSHSession --parameters portNumber=%p --endpoint-url {}\"",
         o.aws,
         sim.endpoint_url()
-    ));
-    compare("ssh connect and run `true`", &ours, &cli, &env, o.runs).await
+    )));
+    let direct = ssh(None);
+    let name = "ssh connect and run `true`";
+    compare(name, &ours, &cli, Some(&direct), &env, o.runs).await
 }
 
 fn main() -> ExitCode {
