@@ -230,6 +230,26 @@ async fn ssh_and_scp_through_eice_with_a_pushed_key() {
     assert_eq!((code, out.as_str()), (Some(0), "auto\n"), "{err}");
     assert!(start_calls(&sim).is_empty(), "no Session Manager session");
 
+    // auto: a node online in SSM takes Session Manager (StartSession, no tunnel).
+    let online = "i-0e1ce00000000000e";
+    sim.add_managed_node(ssm_sim::ManagedNode::online(online, "ssm-web", "10.1.2.4"));
+    let before = sim.eice_tunnels().len();
+    let _ = output(ssh(
+        "ssh",
+        &auto,
+        &[format!("root@{online}"), "true".into()],
+    ))
+    .await;
+    let calls = start_calls(&sim);
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0]["Target"], online);
+    assert_eq!(calls[0]["DocumentName"], "AWS-StartSSHSession");
+    assert_eq!(
+        sim.eice_tunnels().len(),
+        before,
+        "no EICE tunnel for an online node"
+    );
+
     let size = 10 << 20;
     let src = home.join("src.bin");
     std::fs::write(&src, random_bytes(size, 41)).expect("src");

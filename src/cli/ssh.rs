@@ -225,5 +225,19 @@ mod tests {
              User ec2-user\n    \
              IdentityFile \"/home/me/.ssh/id ed\"\n"
         );
+        let eice = ConfigArgs {
+            hosts: vec!["i-*".into()],
+            user: None,
+            push_key: None,
+            profile: None,
+            region: None,
+            via: Via::Eice,
+        };
+        assert_eq!(
+            config_block(&eice, "smp"),
+            "# ssh through an EC2 Instance Connect Endpoint (session-manager-plugin ssh-config)\n\
+             Host i-*\n    \
+             ProxyCommand smp ssh-proxy %h %p --user %r --via eice\n"
+        );
     }
 }

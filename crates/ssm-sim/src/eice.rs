@@ -600,7 +600,13 @@ where
                     break (Some(1003), "binary frames only");
                 }
                 // The client closed (tungstenite answers the close frame) or went away.
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                Some(Ok(Message::Close(_))) => {
+                    // Sends tungstenite's queued reply to the client's close frame.
+                    let _ = ws.close(None).await;
+                    let _ = wr.shutdown().await;
+                    return (None, "");
+                }
+                None | Some(Err(_)) => {
                     let _ = wr.shutdown().await;
                     return (None, "");
                 }

@@ -24,6 +24,9 @@
 //! - [`config`]: every knob ([`SimConfig`]).
 //! - [`stats`]: what the simulator observed ([`SessionStats`]).
 //! - `api`: the SSM/KMS JSON API; `http`: the HTTP/1.1 server side; `tls`: certificates.
+//! - [`eice`]: the EC2 Instance Connect Endpoint (`/openTunnel`, SigV4 query signatures
+//!   checked) and the EC2 query calls that find it (`DescribeInstances`,
+//!   `DescribeInstanceConnectEndpoints`).
 //! - `gateway`: the WebSocket endpoint; `netem`: latency/loss/duplication/reordering.
 //! - `agent`: the agent's reliable channel and handshake; `plugins`: shell, commands,
 //!   port forwarding, stdio; `pty`: pseudo-terminals.

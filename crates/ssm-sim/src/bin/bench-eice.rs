@@ -12,7 +12,7 @@
 //!
 //! Per path and run: set-up (TCP connect to the local port until a one-byte round trip
 //! through the tunnel has come back: the presign + WebSocket for EICE, the smux stream for
-//! SSM), upload (N MiB to the target, until the target has counted them all) and download
+//! SSM; all set-ups are measured before the bulk transfers), upload (N MiB to the target, until the target has counted them all) and download
 //! (N MiB from the target), each a fresh connection. Medians (min–max) of `--runs`
 //! (default 5). Loopback, TLS, dummy credentials; the simulator runs in this process.
 
@@ -278,10 +278,15 @@ async fn bench() -> Result<(), String> {
         ("SSM (forward)", ssm_port, Figures::default()),
     ];
     let io = |e: std::io::Error| e.to_string();
+    // Set-ups first, before any bulk transfer has gone through the tunnels.
     for _ in 0..opts.runs {
         for (_, port, f) in figures.iter_mut() {
             f.setup
                 .push(setup(*port).await.map_err(io)?.as_secs_f64() * 1000.0);
+        }
+    }
+    for _ in 0..opts.runs {
+        for (_, port, f) in figures.iter_mut() {
             let mib = opts.mib as f64;
             f.up.push(mib / upload(*port, bytes).await.map_err(io)?.as_secs_f64());
             f.down
