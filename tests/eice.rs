@@ -724,3 +724,37 @@ async fn through_an_http_connect_proxy() {
     );
     proxy_task.abort();
 }
+
+/// With `AWS_USE_FIPS_ENDPOINT=true` the endpoint's `FipsDnsName` is used (the simulator's
+/// is `localhost:PORT`), and the instance is found by its private DNS name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fips_uses_the_fips_dns_name() {
+    let sim = start_sim().await;
+    let home = TempDir::new("eice");
+    let echo = echo_server().await;
+    setup(&sim, echo.port);
+    let dns = format!("ip-{}.ec2.internal", IP.replace('.', "-"));
+    let mut cmd = plugin(&sim, home.path(), &["open-tunnel", "--instance-id", &dns]);
+    cmd.env("AWS_USE_FIPS_ENDPOINT", "true")
+        .stdin(std::process::Stdio::piped());
+    let mut run = spawn(cmd);
+    let mut stdin = run.child.stdin.take().expect("stdin");
+    stdin.write_all(b"fips\n").await.expect("write");
+    run.stdout
+        .wait_for("fips\n", STEP)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", run.stderr.text()));
+    drop(stdin);
+    let status = tokio::time::timeout(STEP, run.child.wait())
+        .await
+        .expect("exit")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "{}", run.stderr.text());
+    let t = sim.eice_tunnels();
+    assert_eq!(
+        t[0].host,
+        format!("localhost:{}", sim.local_addr().port()),
+        "{t:?}"
+    );
+    assert_eq!(t[0].endpoint_id, ENDPOINT);
+}
