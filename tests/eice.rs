@@ -758,3 +758,43 @@ async fn fips_uses_the_fips_dns_name() {
     );
     assert_eq!(t[0].endpoint_id, ENDPOINT);
 }
+
+/// With `--private-ip-address`, the endpoint id and its DNS name, no EC2 call is made
+/// (EC2 points at a closed port here) and the tunnel works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_discovery_with_ip_id_and_dns_name() {
+    let sim = start_sim().await;
+    let home = TempDir::new("eice");
+    let echo = echo_server().await;
+    setup(&sim, echo.port);
+    let dns = format!("127.0.0.1:{}", sim.local_addr().port());
+    let mut cmd = plugin(
+        &sim,
+        home.path(),
+        &[
+            "open-tunnel",
+            "--private-ip-address",
+            IP,
+            "--instance-connect-endpoint-id",
+            ENDPOINT,
+            "--instance-connect-endpoint-dns-name",
+            &dns,
+        ],
+    );
+    cmd.env("AWS_ENDPOINT_URL_EC2", "http://127.0.0.1:9")
+        .stdin(std::process::Stdio::piped());
+    let mut run = spawn(cmd);
+    let mut stdin = run.child.stdin.take().expect("stdin");
+    stdin.write_all(b"direct\n").await.expect("write");
+    run.stdout
+        .wait_for("direct\n", STEP)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", run.stderr.text()));
+    drop(stdin);
+    let status = tokio::time::timeout(STEP, run.child.wait())
+        .await
+        .expect("exit")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "{}", run.stderr.text());
+    assert_eq!(sim.eice_tunnels().len(), 1);
+}

@@ -606,6 +606,9 @@ where
                     let _ = wr.shutdown().await;
                     return (None, "");
                 }
+                Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
+                    break (Some(1009), "frames are limited to 65000 bytes");
+                }
                 None | Some(Err(_)) => {
                     let _ = wr.shutdown().await;
                     return (None, "");
