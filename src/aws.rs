@@ -265,6 +265,8 @@ struct Loaded {
     /// EC2 Instance Connect (`SendSSHPublicKey`).
     ec2_instance_connect: Result<Endpoint, AwsError>,
     connector: Connector,
+    /// `AWS_USE_FIPS_ENDPOINT` / the profile's `use_fips_endpoint`.
+    fips: bool,
     max_attempts: u32,
     initial_backoff: Duration,
     max_backoff: Duration,
@@ -386,6 +388,55 @@ impl AwsContext {
             "signed the data-channel upgrade"
         );
         Ok(Some(headers))
+    }
+
+    /// `url` presigned for a GET with SigV4 query authentication (`X-Amz-Expires` =
+    /// `expires`, `host` signed, the empty-payload hash, the session token signed): the
+    /// EC2 Instance Connect Endpoint's `openTunnel` URL, fresh for every connection.
+    pub async fn presign_get(
+        &self,
+        url: &str,
+        service: &str,
+        expires: Duration,
+    ) -> Result<String, AwsError> {
+        let loaded = self.loaded().await?;
+        let region = loaded.region()?;
+        let credentials = self.credentials(loaded).await?;
+        let identity = credentials.into();
+        let mut settings = SigningSettings::default();
+        settings.signature_location = aws_sigv4::http_request::SignatureLocation::QueryParams;
+        settings.expires_in = Some(expires);
+        let params = SigningParams::builder()
+            .identity(&identity)
+            .region(region)
+            .name(service)
+            .time(SystemTime::now())
+            .settings(settings)
+            .build()
+            .map_err(|e| AwsError::Signing(e.to_string()))?
+            .into();
+        let invalid = |message: String| AwsError::InvalidUrl {
+            url: redact_query(url),
+            message,
+        };
+        let mut request = http::Request::builder()
+            .method("GET")
+            .uri(url)
+            .body(())
+            .map_err(|e| invalid(e.to_string()))?;
+        let signable =
+            SignableRequest::new("GET", url, std::iter::empty(), SignableBody::Bytes(b""))
+                .map_err(|e| AwsError::Signing(e.to_string()))?;
+        let (instructions, _signature) = sign(signable, &params)
+            .map_err(|e| AwsError::Signing(e.to_string()))?
+            .into_parts();
+        instructions.apply_to_request_http1x(&mut request);
+        Ok(request.uri().to_string())
+    }
+
+    /// Whether FIPS endpoints are asked for (`AWS_USE_FIPS_ENDPOINT`, the profile).
+    pub async fn use_fips(&self) -> Result<bool, AwsError> {
+        Ok(self.loaded().await?.fips)
     }
 
     /// SSM `ResumeSession{SessionId}`: `Some((token, stream_url))` with the new token (and the
@@ -1099,6 +1150,7 @@ async fn load(options: &Options) -> Result<Loaded, AwsError> {
         ec2,
         ec2_instance_connect,
         connector: http.connector(&settings, None),
+        fips,
         max_attempts: retry.max_attempts().max(1),
         initial_backoff: retry.initial_backoff(),
         max_backoff: retry.max_backoff(),

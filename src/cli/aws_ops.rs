@@ -162,6 +162,8 @@ pub struct Ec2Instance {
     pub private_ip: String,
     pub state: String,
     pub platform: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
 }
 
 /// EC2 `DescribeInstances` with `filters` (name, values), every page.
@@ -226,6 +228,8 @@ fn parse_describe_instances(xml: &str) -> Result<(Vec<Ec2Instance>, Option<Strin
                 private_ip: text(inst, "privateIpAddress"),
                 state,
                 platform,
+                vpc_id: text(inst, "vpcId"),
+                subnet_id: text(inst, "subnetId"),
             });
         }
     }
@@ -254,6 +258,79 @@ fn items<'a, 'i>(n: Option<Node<'a, 'i>>) -> Vec<Node<'a, 'i>> {
         .flat_map(|n| n.children())
         .filter(|c| c.is_element() && c.tag_name().name() == "item")
         .collect()
+}
+
+/// An EC2 Instance Connect Endpoint as DescribeInstanceConnectEndpoints reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnectEndpoint {
+    pub id: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub state: String,
+    pub dns_name: String,
+    pub fips_dns_name: String,
+}
+
+/// The endpoint states a tunnel can be opened through (the AWS CLI's list).
+pub const USABLE_ENDPOINT_STATES: [&str; 4] = [
+    "create-complete",
+    "update-in-progress",
+    "update-failed",
+    "update-complete",
+];
+
+/// EC2 `DescribeInstanceConnectEndpoints` with `filters`, every page.
+pub async fn describe_instance_connect_endpoints(
+    aws: &AwsContext,
+    filters: &[(&str, Vec<String>)],
+) -> Result<Vec<ConnectEndpoint>, AwsError> {
+    const OP: &str = "DescribeInstanceConnectEndpoints";
+    let mut out = Vec::new();
+    let mut next: Option<String> = None;
+    for _ in 0..50 {
+        let mut params = Vec::new();
+        for (i, (name, values)) in filters.iter().enumerate() {
+            params.push((format!("Filter.{}.Name", i + 1), (*name).to_owned()));
+            for (j, v) in values.iter().enumerate() {
+                params.push((format!("Filter.{}.Value.{}", i + 1, j + 1), v.clone()));
+            }
+        }
+        if let Some(t) = &next {
+            params.push(("NextToken".to_owned(), t.clone()));
+        }
+        let xml = aws.call_ec2(OP, &params).await?;
+        let (page, token) = parse_connect_endpoints(&xml).map_err(|e| invalid(OP, e))?;
+        out.extend(page);
+        next = token;
+        if next.is_none() {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn parse_connect_endpoints(xml: &str) -> Result<(Vec<ConnectEndpoint>, Option<String>), String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("invalid XML: {e}"))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "DescribeInstanceConnectEndpointsResponse" {
+        return Err(format!(
+            "unexpected root element <{}>",
+            root.tag_name().name()
+        ));
+    }
+    let out = items(child(root, "instanceConnectEndpointSet"))
+        .into_iter()
+        .map(|e| ConnectEndpoint {
+            id: text(e, "instanceConnectEndpointId"),
+            vpc_id: text(e, "vpcId"),
+            subnet_id: text(e, "subnetId"),
+            state: text(e, "state"),
+            dns_name: text(e, "dnsName"),
+            fips_dns_name: text(e, "fipsDnsName"),
+        })
+        .collect();
+    let token = Some(text(root, "nextToken")).filter(|t| !t.is_empty());
+    Ok((out, token))
 }
 
 /// EC2 Instance Connect `SendSSHPublicKey`: the key is accepted by the instance for 60 s.
@@ -313,6 +390,26 @@ mod tests {
         assert_eq!(v[1].name, "");
         assert!(parse_describe_instances("<Response><Errors/></Response>").is_err());
         assert!(parse_describe_instances("not xml").is_err());
+    }
+
+    #[test]
+    fn parses_connect_endpoints() {
+        let xml = r#"<DescribeInstanceConnectEndpointsResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+  <requestId>r</requestId><instanceConnectEndpointSet><item>
+  <instanceConnectEndpointId>eice-1</instanceConnectEndpointId><state>create-complete</state>
+  <dnsName>eice-1.x.amazonaws.com</dnsName><fipsDnsName>eice-1.fips.x.amazonaws.com</fipsDnsName>
+  <subnetId>subnet-1</subnetId><vpcId>vpc-1</vpcId></item></instanceConnectEndpointSet>
+</DescribeInstanceConnectEndpointsResponse>"#;
+        let (v, next) = parse_connect_endpoints(xml).unwrap();
+        assert_eq!(next, None);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].dns_name, "eice-1.x.amazonaws.com");
+        assert_eq!(v[0].fips_dns_name, "eice-1.fips.x.amazonaws.com");
+        assert_eq!(
+            (v[0].vpc_id.as_str(), v[0].subnet_id.as_str()),
+            ("vpc-1", "subnet-1")
+        );
+        assert!(parse_connect_endpoints("<Response/>").is_err());
     }
 
     #[test]

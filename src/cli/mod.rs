@@ -1,6 +1,6 @@
 //! The standalone client: subcommands of the same binary that start sessions without the
 //! AWS CLI (`start-session`, `shell`, `run`, `forward`, `ssh-proxy`, `ssh-config`, `list`,
-//! `tunnel`, `completions`).
+//! `tunnel`, `open-tunnel`, `completions`).
 //!
 //! `main` sends argv here only when argv[1] is one of [`SUBCOMMANDS`] or `--help`/`-h`;
 //! everything else (the AWS CLI's positional contract, `--version`, no arguments) takes the
@@ -11,6 +11,7 @@
 
 mod aws_ops;
 mod config;
+mod eice;
 mod forward;
 mod list;
 mod params;
@@ -42,6 +43,7 @@ pub const SUBCOMMANDS: &[&str] = &[
     "ssh-config",
     "list",
     "tunnel",
+    "open-tunnel",
     "completions",
     "help",
 ];
@@ -85,6 +87,8 @@ enum Command {
     List(list::Args),
     /// Run a tunnel defined in the config file ([tunnels.NAME]).
     Tunnel(config::TunnelArgs),
+    /// A TCP tunnel through an EC2 Instance Connect Endpoint (like `aws ec2-instance-connect open-tunnel`).
+    OpenTunnel(eice::OpenTunnelArgs),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -164,6 +168,7 @@ pub fn main(args: Vec<String>) -> u8 {
         Command::SshConfig(a) => ssh::config_main(a),
         Command::List(a) => list::main(a),
         Command::Tunnel(a) => config::tunnel_main(a),
+        Command::OpenTunnel(a) => eice::open_tunnel_main(a),
         Command::Completions { shell } => {
             let mut cmd = Cli::command();
             clap_complete::generate(

@@ -25,8 +25,47 @@ pub struct ProxyArgs {
     /// Push this OpenSSH public key with EC2 Instance Connect first (needs --user).
     #[arg(long = "push-key", value_name = "PUBKEY", requires = "user")]
     pub push_key: Option<PathBuf>,
+    /// The path: Session Manager (`ssm`), an EC2 Instance Connect Endpoint (`eice`), or
+    /// Session Manager when the node is online in SSM, else the endpoint (`auto`).
+    #[arg(long, value_enum, default_value_t = Via::Ssm)]
+    pub via: Via,
     #[command(flatten)]
     pub aws: AwsArgs,
+}
+
+/// How `ssh-proxy` reaches the instance.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    Ssm,
+    Eice,
+    Auto,
+}
+
+/// `--via auto`: Session Manager when the one matching node's agent is online, else
+/// the endpoint (for an EC2 instance). Returns the path and, when known, the id.
+async fn pick_path(aws: &crate::aws::AwsContext, host: &str) -> Result<(Via, String), Failure> {
+    if target::is_id(host) {
+        let online = aws_ops::describe_instance_information(aws, &[host.to_owned()])
+            .await
+            .map(|nodes| {
+                nodes
+                    .iter()
+                    .any(|n| n.instance_id == host && n.ping_status == "Online")
+            })
+            .unwrap_or(false);
+        let via = if online || !host.starts_with("i-") {
+            Via::Ssm
+        } else {
+            Via::Eice
+        };
+        return Ok((via, host.to_owned()));
+    }
+    let found = target::find(aws, host).await?;
+    match found.as_slice() {
+        [one] if one.online() => Ok((Via::Ssm, one.id.clone())),
+        [one] if one.id.starts_with("i-") => Ok((Via::Eice, one.id.clone())),
+        _ => target::choose(host, found, false).map(|id| (Via::Ssm, id)),
+    }
 }
 
 pub fn proxy_main(a: ProxyArgs) -> Result<u8, Failure> {
@@ -48,7 +87,28 @@ pub fn proxy_main(a: ProxyArgs) -> Result<u8, Failure> {
     let cfg = load_config(&a.aws)?;
     let client = Client::new(&a.aws, &cfg.defaults)?;
     let rt = runtime()?;
-    let id = target::resolve(&rt, &client.aws, &a.host)?;
+    let (via, host) = match a.via {
+        Via::Auto => rt.block_on(pick_path(&client.aws, &a.host))?,
+        via => (via, a.host.clone()),
+    };
+    if via == Via::Eice {
+        let (id, ip, endpoint, dns) = rt.block_on(super::eice::resolve(
+            &client.aws,
+            Some(&host),
+            None,
+            None,
+            None,
+        ))?;
+        let id = id.unwrap_or(host);
+        if let (Some(key), Some(user)) = (&key, &a.user) {
+            rt.block_on(aws_ops::send_ssh_public_key(&client.aws, &id, user, key))?;
+        }
+        let tunnel = super::eice::tunnel(&client, ip, endpoint, dns, a.port);
+        let code = rt.block_on(super::eice::stdio(&tunnel));
+        rt.shutdown_background();
+        return code;
+    }
+    let id = target::resolve(&rt, &client.aws, &host)?;
     if let (Some(key), Some(user)) = (&key, &a.user) {
         rt.block_on(aws_ops::send_ssh_public_key(&client.aws, &id, user, key))?;
     }
@@ -82,6 +142,9 @@ pub struct ConfigArgs {
     /// Region the ProxyCommand uses.
     #[arg(long, value_name = "REGION")]
     pub region: Option<String>,
+    /// The path the ProxyCommand takes (`ssh-proxy --via`).
+    #[arg(long, value_enum, default_value_t = Via::Ssm)]
+    pub via: Via,
 }
 
 /// Quotes a word for the shell ssh runs ProxyCommand with, when it needs quoting.
@@ -108,9 +171,19 @@ fn config_block(a: &ConfigArgs, exe: &str) -> String {
     if let Some(r) = &a.region {
         proxy.push_str(&format!(" --region {}", q(r)));
     }
-    let mut out = String::from(
-        "# ssh through AWS Systems Manager Session Manager (session-manager-plugin ssh-config)\n",
-    );
+    let mut out = String::from(match a.via {
+        Via::Ssm => {
+            "# ssh through AWS Systems Manager Session Manager (session-manager-plugin ssh-config)\n"
+        }
+        Via::Eice => {
+            proxy.push_str(" --via eice");
+            "# ssh through an EC2 Instance Connect Endpoint (session-manager-plugin ssh-config)\n"
+        }
+        Via::Auto => {
+            proxy.push_str(" --via auto");
+            "# ssh through Session Manager, or an EC2 Instance Connect Endpoint when the node is offline in SSM (session-manager-plugin ssh-config)\n"
+        }
+    });
     out.push_str(&format!("Host {}\n", a.hosts.join(" ")));
     out.push_str(&format!("    ProxyCommand {proxy}\n"));
     if let Some(u) = &a.user {
@@ -141,6 +214,7 @@ mod tests {
             push_key: Some("/home/me/.ssh/id ed.pub".into()),
             profile: Some("dev".into()),
             region: None,
+            via: Via::Ssm,
         };
         assert_eq!(
             config_block(&a, "/usr/bin/session-manager-plugin"),
@@ -150,6 +224,20 @@ mod tests {
              --push-key '/home/me/.ssh/id ed.pub' --profile dev\n    \
              User ec2-user\n    \
              IdentityFile \"/home/me/.ssh/id ed\"\n"
+        );
+        let eice = ConfigArgs {
+            hosts: vec!["i-*".into()],
+            user: None,
+            push_key: None,
+            profile: None,
+            region: None,
+            via: Via::Eice,
+        };
+        assert_eq!(
+            config_block(&eice, "smp"),
+            "# ssh through an EC2 Instance Connect Endpoint (session-manager-plugin ssh-config)\n\
+             Host i-*\n    \
+             ProxyCommand smp ssh-proxy %h %p --user %r --via eice\n"
         );
     }
 }

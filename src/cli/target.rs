@@ -78,8 +78,58 @@ fn interactive() -> bool {
     std::io::stdin().is_terminal() && std::io::stderr().is_terminal()
 }
 
+/// Resolves TARGET to a running EC2 instance (with its VPC, subnet and private IP) for
+/// an EC2 Instance Connect Endpoint tunnel: an id is looked up by id, a name by the `Name`
+/// tag, private DNS name or private IPv4. The SSM agent plays no part (EICE needs none).
+pub async fn resolve_ec2(aws: &AwsContext, target: &str) -> Result<Ec2Instance, Failure> {
+    let target = target.trim();
+    if target.is_empty() {
+        return Err(Failure::usage("the target is empty"));
+    }
+    if target.starts_with("mi-") || target.starts_with("ecs:") {
+        return Err(Failure::usage(format!(
+            "{target} is not an EC2 instance: EC2 Instance Connect Endpoints reach EC2 instances only"
+        )));
+    }
+    let matches = if is_id(target) {
+        let running = ("instance-state-name", vec!["running".to_owned()]);
+        aws_ops::describe_instances(aws, &[running, ("instance-id", vec![target.to_owned()])])
+            .await
+            .map_err(|e| Failure::failed(format!("cannot look {target} up: {e}")))?
+    } else {
+        ec2_matches(aws, target)
+            .await
+            .map_err(|e| Failure::failed(format!("cannot look {target:?} up: {e}")))?
+    };
+    let mut by_id: BTreeMap<String, Ec2Instance> = BTreeMap::new();
+    for i in matches {
+        if !i.instance_id.is_empty() && (i.state.is_empty() || i.state == "running") {
+            by_id.insert(i.instance_id.clone(), i);
+        }
+    }
+    let found: Vec<Ec2Instance> = by_id.into_values().collect();
+    match found.as_slice() {
+        [] => Err(Failure::usage(format!(
+            "no running EC2 instance matches {target:?} (searched the instance id, Name tag, \
+             private DNS name and private IPv4)"
+        ))),
+        [one] => Ok(one.clone()),
+        many => {
+            let rows: Vec<Vec<String>> = many
+                .iter()
+                .map(|i| vec![i.instance_id.clone(), i.name.clone(), i.private_ip.clone()])
+                .collect();
+            Err(Failure::usage(format!(
+                "{} instances match {target:?}; use an id or a more specific name:\n{}",
+                many.len(),
+                format_table(&["ID", "NAME", "PRIVATE IP"], &rows)
+            )))
+        }
+    }
+}
+
 /// Picks among the candidates (see the module docs).
-fn choose(target: &str, candidates: Vec<Candidate>, tty: bool) -> Result<String, Failure> {
+pub fn choose(target: &str, candidates: Vec<Candidate>, tty: bool) -> Result<String, Failure> {
     match candidates.as_slice() {
         [] => Err(Failure::usage(format!(
             "no instance or managed node matches {target:?} (searched the Name tag, private DNS \

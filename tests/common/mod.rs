@@ -126,6 +126,11 @@ pub struct Collected {
 }
 
 impl Collected {
+    /// Collects `r` in the background.
+    pub fn of<R: AsyncRead + Unpin + Send + 'static>(r: R) -> Arc<Collected> {
+        Collected::spawn(r)
+    }
+
     fn spawn<R: AsyncRead + Unpin + Send + 'static>(mut r: R) -> Arc<Collected> {
         let c = Arc::new(Collected::default());
         let c2 = c.clone();

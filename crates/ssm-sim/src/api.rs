@@ -73,6 +73,10 @@ pub(crate) async fn serve_connection(stream: Box<dyn Io>, inner: Arc<Inner>) {
                 return;
             }
         };
+        if head.path() == "/openTunnel" {
+            crate::eice::serve(conn, head, inner).await;
+            return;
+        }
         if head.is_websocket_upgrade() {
             gateway::serve(conn, head, inner).await;
             return;
@@ -93,6 +97,25 @@ pub(crate) async fn serve_connection(stream: Box<dyn Io>, inner: Arc<Inner>) {
             let keys = crate::nodes::valid_keys(&inner, query);
             if conn
                 .respond(200, "text/plain", &[], keys.as_bytes(), close)
+                .await
+                .is_err()
+                || close
+            {
+                return;
+            }
+            continue;
+        }
+        if crate::eice::is_ec2_query(&head, &body) {
+            let (status, xml) = crate::eice::ec2_query(&inner, &body);
+            let request_id = uuid::Uuid::new_v4().hyphenated().to_string();
+            if conn
+                .respond(
+                    status,
+                    "text/xml;charset=UTF-8",
+                    &[("x-amzn-RequestId", request_id)],
+                    xml.as_bytes(),
+                    close,
+                )
                 .await
                 .is_err()
                 || close

@@ -24,6 +24,9 @@
 //! - [`config`]: every knob ([`SimConfig`]).
 //! - [`stats`]: what the simulator observed ([`SessionStats`]).
 //! - `api`: the SSM/KMS JSON API; `http`: the HTTP/1.1 server side; `tls`: certificates.
+//! - [`eice`]: the EC2 Instance Connect Endpoint (`/openTunnel`, SigV4 query signatures
+//!   checked) and the EC2 query calls that find it (`DescribeInstances`,
+//!   `DescribeInstanceConnectEndpoints`).
 //! - `gateway`: the WebSocket endpoint; `netem`: latency/loss/duplication/reordering.
 //! - `agent`: the agent's reliable channel and handshake; `plugins`: shell, commands,
 //!   port forwarding, stdio; `pty`: pseudo-terminals.
@@ -46,6 +49,7 @@ use tokio::task::JoinHandle;
 mod agent;
 mod api;
 pub mod config;
+pub mod eice;
 mod gateway;
 mod http;
 mod kms;
@@ -62,6 +66,7 @@ pub use api::{cli_response_json, ApiCall};
 pub use config::{
     DropTrigger, DropWebSocket, ReconnectResend, RetransmitPolicy, SimConfig, DEFAULT_AGENT_VERSION,
 };
+pub use eice::{Ec2InstanceSim, InstanceConnectEndpoint, TunnelRecord};
 pub use kms::KmsRequest;
 pub use netem::link_overshoot;
 pub use nodes::{ManagedNode, PushedKey, KEY_LIFETIME};
@@ -100,6 +105,9 @@ pub struct StartSessionRequest {
     /// `--parameters`: each value is a list of strings.
     pub parameters: BTreeMap<String, Vec<String>>,
 }
+
+/// A host name (not loopback, so proxies apply) the simulator's certificate covers.
+pub const EICE_TEST_HOST: &str = "eice.ssm-sim.test";
 
 /// The target the helpers use.
 pub const DEFAULT_TARGET: &str = "i-0123456789abcdef0";
@@ -176,6 +184,8 @@ pub(crate) struct Inner {
     pub nodes: Mutex<Vec<nodes::ManagedNode>>,
     /// Every accepted SendSSHPublicKey.
     pub pushed_keys: Mutex<Vec<nodes::PushedKey>>,
+    /// The EC2 Instance Connect Endpoint and the EC2 instances behind it.
+    pub eice: eice::EiceState,
     pub shutdown: watch::Receiver<bool>,
     pub rng: Mutex<StdRng>,
     /// Mixed into every session id so that ids differ across simulator instances and
@@ -354,6 +364,7 @@ impl Simulator {
             api_calls: Mutex::new(Vec::new()),
             nodes: Mutex::new(Vec::new()),
             pushed_keys: Mutex::new(Vec::new()),
+            eice: eice::EiceState::default(),
             shutdown: shutdown_rx,
             rng: Mutex::new(StdRng::seed_from_u64(config.seed ^ 0xA11C_E5ED)),
             id_nonce: id_nonce(),
@@ -485,6 +496,67 @@ impl Simulator {
     /// Every key accepted by SendSSHPublicKey, oldest first.
     pub fn pushed_keys(&self) -> Vec<PushedKey> {
         lock(&self.inner.pushed_keys).clone()
+    }
+
+    /// Adds an instance to what EC2 DescribeInstances lists; EICE tunnels to its private
+    /// IP reach `ports`.
+    pub fn add_ec2_instance(&self, instance: Ec2InstanceSim) {
+        lock(&self.inner.eice.instances).push(instance);
+    }
+
+    /// Adds an Instance Connect Endpoint (DescribeInstanceConnectEndpoints lists it; its
+    /// `dns_name` is the host its tunnels must be signed for).
+    pub fn add_instance_connect_endpoint(&self, endpoint: InstanceConnectEndpoint) {
+        lock(&self.inner.eice.endpoints).push(endpoint);
+    }
+
+    /// An endpoint in `vpc_id`/`subnet_id` reached at this simulator (`dns_name`
+    /// `127.0.0.1:PORT`, or `host:PORT` when `host` is given, e.g. a name only a proxy
+    /// resolves; the certificate covers [`EICE_TEST_HOST`]).
+    pub fn instance_connect_endpoint(
+        &self,
+        id: &str,
+        vpc_id: &str,
+        subnet_id: &str,
+        host: Option<&str>,
+    ) -> InstanceConnectEndpoint {
+        let port = self.addr.port();
+        let host = host.unwrap_or("127.0.0.1");
+        InstanceConnectEndpoint {
+            id: id.to_owned(),
+            vpc_id: vpc_id.to_owned(),
+            subnet_id: subnet_id.to_owned(),
+            state: "create-complete".to_owned(),
+            dns_name: format!("{host}:{port}"),
+            fips_dns_name: format!("localhost:{port}"),
+        }
+    }
+
+    /// Adds an access key the EICE endpoint accepts signatures of (`test`/`test` is there
+    /// from the start).
+    pub fn add_eice_credentials(&self, access_key: &str, secret_key: &str) {
+        lock(&self.inner.eice.credentials).insert(access_key.to_owned(), secret_key.to_owned());
+    }
+
+    /// Moves the EICE endpoint's clock (for `X-Amz-Date` checks) by `secs` from the
+    /// system clock: a test of expiry needs no sleep.
+    pub fn set_eice_clock_offset(&self, secs: i64) {
+        self.inner.eice.clock_offset.store(secs, Ordering::SeqCst);
+    }
+
+    /// Every `openTunnel` request, oldest first.
+    pub fn eice_tunnels(&self) -> Vec<TunnelRecord> {
+        lock(&self.inner.eice.tunnels).clone()
+    }
+
+    /// The most EICE tunnels that were open at the same time.
+    pub fn eice_max_concurrent(&self) -> usize {
+        self.inner.eice.max_active.load(Ordering::SeqCst)
+    }
+
+    /// EICE tunnels open now.
+    pub fn eice_active(&self) -> usize {
+        self.inner.eice.active.load(Ordering::SeqCst)
     }
 
     /// Every GenerateDataKey call received.

@@ -55,6 +55,7 @@ impl TlsMaterial {
             "localhost".to_owned(),
             "127.0.0.1".to_owned(),
             "::1".to_owned(),
+            crate::EICE_TEST_HOST.to_owned(),
         ])
         .map_err(tls_err)?;
         leaf_params

@@ -5,6 +5,7 @@
 //! - [`smux`]: the smux v1 frame codec and a sans-I/O multiplexer session (§9).
 //! - [`channel`]: the reliable, paced, flow-controlled data channel state machine.
 //! - [`mode`]: which session mode a handshake selects (pure functions).
+//! - [`eice`]: EC2 Instance Connect Endpoint tunnels (URL, frame size, close codes).
 //! - [`port`]: multiplexed port forwarding (connections, turn order, bounds) over [`smux`].
 //!
 //! Nothing here reads a clock, sleeps, spawns or touches a socket: callers feed bytes and
@@ -15,6 +16,7 @@
 
 pub mod channel;
 pub mod crypto;
+pub mod eice;
 pub mod frame;
 pub mod mode;
 pub mod payload;
