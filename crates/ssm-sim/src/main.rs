@@ -9,14 +9,16 @@
 //!     interrupted (SIGINT/SIGTERM). On SIGUSR1 it prints one `STATS <session stats>` line
 //!     per session (Rust debug format) and an `END` line to stderr.
 //!
-//! ssm-sim demo --plugin PATH [--document NAME] [--command CMD] [--parameters JSON]
+//! ssm-sim demo [--plugin PATH] [--document NAME] [--command CMD] [--parameters JSON]
 //!              [--no-tls]
 //!     Starts a TLS simulator in-process, calls StartSession (by default a
 //!     NonInteractiveCommands session running a short command) and runs the plugin
 //!     exactly as the AWS CLI v1 does; exits with the plugin's exit status. The plugin
 //!     gets the throwaway CA through AWS_CA_BUNDLE; with --no-tls the simulator serves
 //!     plain http/ws instead (for plugins that trust only the system roots, like the
-//!     official one) and AWS_CA_BUNDLE is not set.
+//!     official one) and AWS_CA_BUNDLE is not set. Without --plugin it runs the
+//!     session-manager-plugin beside its own executable, building it first when it is
+//!     missing (so `cargo run --release -p ssm-sim -- demo` works on a fresh checkout).
 //! ```
 
 use std::collections::BTreeMap;
@@ -31,7 +33,7 @@ const USAGE: &str = "usage:
                 [--duplicate P] [--reorder P] [--agent-version V] [--seed N]
                 [--kms-key-id ID] [--agent-chunk-delay-ms N] [--malformed-every N]
                 [--drop-after-frames N] [--start-publication-quirk] [--resume-changes-cell]
-  ssm-sim demo --plugin PATH [--document NAME] [--command CMD] [--parameters JSON]
+  ssm-sim demo [--plugin PATH] [--document NAME] [--command CMD] [--parameters JSON]
                [--no-tls]";
 
 const DEMO_COMMAND: &str = "uname -a; echo \"hello from the simulated instance\"";
@@ -190,6 +192,56 @@ fn python_json(v: &Value) -> String {
     }
 }
 
+/// The plugin `demo` runs without `--plugin`: `session-manager-plugin` beside this
+/// executable (`target/release/` when started by `cargo run --release -p ssm-sim`),
+/// built there first with `cargo build` of the same profile when it is missing and this
+/// executable sits in the workspace's target directory.
+fn default_plugin() -> Result<String, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot locate ssm-sim: {e}"))?;
+    let dir = exe
+        .parent()
+        .ok_or("cannot locate ssm-sim's directory; pass --plugin PATH")?;
+    let name = format!("session-manager-plugin{}", std::env::consts::EXE_SUFFIX);
+    let beside = dir.join(&name);
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let profile = dir.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    if !beside.exists() && workspace.join("Cargo.toml").exists() && !profile.is_empty() {
+        // cargo names the dev profile's directory `debug`.
+        let profile_arg = if profile == "debug" { "dev" } else { profile };
+        eprintln!(
+            "ssm-sim: {} is missing; building it (cargo build --profile {profile_arg} -p session-manager-plugin)",
+            beside.display()
+        );
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.current_dir(&workspace).args([
+            "build",
+            "--profile",
+            profile_arg,
+            "-p",
+            "session-manager-plugin",
+        ]);
+        if let Some(target_dir) = dir.parent() {
+            cmd.env("CARGO_TARGET_DIR", target_dir);
+        }
+        let status = cmd.status().map_err(|e| {
+            format!("cannot run cargo to build the plugin: {e}; pass --plugin PATH")
+        })?;
+        if !status.success() {
+            return Err(format!(
+                "building the plugin failed ({status}); pass --plugin PATH"
+            ));
+        }
+    }
+    if !beside.exists() {
+        return Err(format!(
+            "no plugin at {}; build it (cargo build --release -p session-manager-plugin) or pass --plugin PATH\n{USAGE}",
+            beside.display()
+        ));
+    }
+    Ok(beside.display().to_string())
+}
+
 async fn demo(args: &[String]) -> Result<ExitCode, String> {
     let mut plugin = None;
     let mut document = "AWS-StartNonInteractiveCommand".to_owned();
@@ -212,7 +264,10 @@ async fn demo(args: &[String]) -> Result<ExitCode, String> {
             other => return Err(format!("unknown option {other}\n{USAGE}")),
         }
     }
-    let plugin = plugin.ok_or_else(|| format!("demo needs --plugin PATH\n{USAGE}"))?;
+    let plugin = match plugin {
+        Some(p) => p,
+        None => default_plugin()?,
+    };
     let mut parameters = parameters.unwrap_or_default();
     let needs_command = matches!(
         document.as_str(),
