@@ -63,8 +63,10 @@ const USAGE: &str = "usage: bench [--plugin PATH] [--vs PATH] [--runs N] [--size
   --echo-trips N      1-byte echo round trips on loopback (default 2000; --quick: 500)
   --load-secs S       how long echoes under a bulk upload are timed (default 15; --quick: 2)
   --agent-delay-ms N  realistic profile: agent pause per 1 KiB chunk read (default 1)
-  --only LIST         comma-separated scenarios: unc,paced,real,echo,echo-unpaced,
-                      echo-real,load,load-real,version (default: all)
+  --only LIST         comma-separated scenarios: unc,paced,long,real,echo,echo-unpaced,
+                      echo-real,load,load-real,version (default: all); long = --size-mib
+                      each way at default pacing from the unpaused agent, whose window
+                      (100 000 messages) binds, both plugins
   --env-a K=V         extra environment for A (e.g. SSM_PLUGIN_WINDOW_PACKETS=1024);
   --env-b K=V         for B; applied after the scenario's own settings
   --tls               serve HTTPS/WSS (AWS_CA_BUNDLE and SSL_CERT_FILE point at the CA)
@@ -74,6 +76,7 @@ const USAGE: &str = "usage: bench [--plugin PATH] [--vs PATH] [--runs N] [--size
 const SCENARIOS: &[&str] = &[
     "unc",
     "paced",
+    "long",
     "real",
     "echo",
     "echo-unpaced",
@@ -872,6 +875,18 @@ const FIGURES: &[FigureDef] = &[
         Better::Higher,
     ),
     fig(
+        "long_up",
+        "upload, loopback, default pacing, --size-mib",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "long_down",
+        "download, loopback, default pacing, --size-mib",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
         "real_up",
         "upload, realistic profile",
         "MiB/s",
@@ -1208,6 +1223,7 @@ impl Bench {
         let (profile, env, size_mib) = match scenario {
             "unc" => (unconstrained(), NO_PACING, self.opts.size_mib),
             "paced" => (unconstrained(), &[][..], self.opts.paced_size_mib),
+            "long" => (unconstrained(), &[][..], self.opts.size_mib),
             _ => (
                 realistic(self.opts.agent_delay_ms),
                 &[][..],
@@ -1511,6 +1527,8 @@ impl Bench {
             ("unc", Job::Transfer("unc", Dir::Down)),
             ("paced", Job::Transfer("paced", Dir::Up)),
             ("paced", Job::Transfer("paced", Dir::Down)),
+            ("long", Job::Transfer("long", Dir::Up)),
+            ("long", Job::Transfer("long", Dir::Down)),
             ("real", Job::Transfer("real", Dir::Up)),
             ("real", Job::Transfer("real", Dir::Down)),
             ("echo", Job::Echo(EchoKind::Loopback)),
