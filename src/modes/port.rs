@@ -41,11 +41,26 @@ enum Listener {
     Tcp(TcpListener),
     #[cfg(unix)]
     Unix(tokio::net::UnixListener, PathBuf),
+    /// Connections accepted by someone else (the SOCKS proxy) and handed over.
+    Handed(Handoff),
+}
+
+/// Local connections handed to a mux port session instead of a listener of its own, and
+/// where it says that the agent could not reach the destination (`ConnectToPortError`:
+/// the flag names no stream; every stream of the session goes to one destination).
+pub struct Handoff {
+    pub conns: mpsc::Receiver<(BoxRead, BoxWrite)>,
+    pub refused: tokio::sync::broadcast::Sender<()>,
 }
 
 impl Listener {
-    async fn accept(&self) -> std::io::Result<(BoxRead, BoxWrite)> {
+    async fn accept(&mut self) -> std::io::Result<(BoxRead, BoxWrite)> {
         match self {
+            Listener::Handed(h) => match h.conns.recv().await {
+                Some(c) => Ok(c),
+                // Nobody hands anything over any more: the session serves what it has.
+                None => std::future::pending().await,
+            },
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 let _ = s.set_nodelay(true);
@@ -275,7 +290,7 @@ impl AcceptBackoff {
 /// and a writer task ([`Conn`]) that block only on their own socket, the session decides
 /// who reads, who sends next and when Output may come in, and the driver's up slot is
 /// reserved only while the session has something to send.
-pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
+pub async fn run_mux(ctx: ModeContext) -> ModeOutcome {
     let signals = TerminateSignals::new();
     let (listener, name) = match bind(&ctx).await {
         Ok(l) => l,
@@ -285,6 +300,21 @@ pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
         "{name} opened for sessionId {}.\nWaiting for connections...\n",
         ctx.session_id
     ));
+    mux_loop(ctx, listener, signals, true).await
+}
+
+/// [`run_mux`] over connections handed over by the caller, without status lines.
+pub async fn run_mux_handed(ctx: ModeContext, handoff: Handoff) -> ModeOutcome {
+    let signals = TerminateSignals::new();
+    mux_loop(ctx, Listener::Handed(handoff), signals, false).await
+}
+
+async fn mux_loop(
+    mut ctx: ModeContext,
+    mut listener: Listener,
+    signals: TerminateSignals,
+    announce: bool,
+) -> ModeOutcome {
     let config = port_config(&ctx);
     debug!("port session: {config:?}");
     let mut port = PortSession::new(config);
@@ -326,7 +356,11 @@ pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
                         }
                     }
                     Down::Flag(Flag::ConnectToPortError) => {
-                        ctx.console.status("\nConnection to destination port failed, check SSM Agent logs.\n");
+                        if let Listener::Handed(h) = &listener {
+                            let _ = h.refused.send(());
+                        } else {
+                            ctx.console.status("\nConnection to destination port failed, check SSM Agent logs.\n");
+                        }
                     }
                     Down::Flag(f) => debug!("flag {f:?} ignored"),
                     Down::StdErr(b) => warn!("agent StdErr in a port session: {}", String::from_utf8_lossy(&b)),
@@ -342,7 +376,7 @@ pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
                     }
                 };
                 backoff.succeeded();
-                if !accepted_any {
+                if !accepted_any && announce {
                     accepted_any = true;
                     ctx.console.status(&format!(
                         "\nConnection accepted for session [{}]\n",
@@ -440,7 +474,7 @@ fn on_local(port: &mut PortSession, ev: LocalEvent<ConnId>) {
 /// the loop never waits on the local socket or on the driver's queue.
 pub async fn run_basic(mut ctx: ModeContext) -> ModeOutcome {
     let signals = TerminateSignals::new();
-    let (listener, name) = match bind(&ctx).await {
+    let (mut listener, name) = match bind(&ctx).await {
         Ok(l) => l,
         Err(e) => return fail(&ctx, &e).await,
     };
