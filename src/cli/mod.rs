@@ -14,6 +14,7 @@ mod config;
 mod forward;
 mod list;
 mod params;
+mod pool;
 mod record;
 mod run;
 mod shell;

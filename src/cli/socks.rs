@@ -183,7 +183,7 @@ async fn serve(proxy: Arc<Proxy>, listen: SocketAddr, console: Console) -> Resul
     Ok(exit::OK)
 }
 
-async fn terminate_signal() {
+pub(super) async fn terminate_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

@@ -54,25 +54,23 @@ pub struct Handoff {
 }
 
 impl Listener {
-    async fn accept(&mut self) -> std::io::Result<(BoxRead, BoxWrite)> {
+    /// The next connection; `Ok(None)` once a handed-over source has closed (nothing
+    /// more will come).
+    async fn accept(&mut self) -> std::io::Result<Option<(BoxRead, BoxWrite)>> {
         match self {
-            Listener::Handed(h) => match h.conns.recv().await {
-                Some(c) => Ok(c),
-                // Nobody hands anything over any more: the session serves what it has.
-                None => std::future::pending().await,
-            },
+            Listener::Handed(h) => Ok(h.conns.recv().await),
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 let _ = s.set_nodelay(true);
                 debug!("accepted {peer}");
                 let (r, w) = s.into_split();
-                Ok((Box::new(r), Box::new(w)))
+                Ok(Some((Box::new(r), Box::new(w))))
             }
             #[cfg(unix)]
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().await?;
                 let (r, w) = s.into_split();
-                Ok((Box::new(r), Box::new(w)))
+                Ok(Some((Box::new(r), Box::new(w))))
             }
         }
     }
@@ -152,6 +150,9 @@ enum Stop {
     Signal,
     /// The agent's smux stream broke; the session is being terminated.
     Failed,
+    /// Connections were handed over and their source closed with none left open (a pool
+    /// closing an idle session): end the session.
+    Drained,
 }
 
 /// SIGINT, SIGTSTP, SIGQUIT, SIGTERM and SIGHUP (Ctrl-C on Windows), handled from the
@@ -324,9 +325,14 @@ async fn mux_loop(
     let mut accepted_any = false;
     let signal = signals.recv();
     tokio::pin!(signal);
+    let mut source_closed = false;
     let stop = loop {
         apply_events(&mut port, &mut conns);
-        let accepting = conns.len() < ctx.options.max_connections && !backoff.waiting();
+        if source_closed && conns.is_empty() {
+            break Stop::Drained;
+        }
+        let accepting =
+            !source_closed && conns.len() < ctx.options.max_connections && !backoff.waiting();
         tokio::select! {
             biased;
             _ = &mut signal => break Stop::Signal,
@@ -369,7 +375,11 @@ async fn mux_loop(
             }
             accepted = listener.accept(), if accepting => {
                 let (r, w) = match accepted {
-                    Ok(c) => c,
+                    Ok(Some(c)) => c,
+                    Ok(None) => {
+                        source_closed = true;
+                        continue;
+                    }
                     Err(e) => {
                         backoff.failed(&e);
                         continue;
@@ -417,6 +427,11 @@ async fn mux_loop(
                 failed: Some(exit::SESSION_FAILED),
                 ..ModeOutcome::default()
             }
+        }
+        Stop::Drained => {
+            info!("no connections and none to come: ending the session");
+            let _ = ctx.urgent.send(Up::Flag(Flag::TerminateSession)).await;
+            let _ = ctx.urgent.send(Up::Finish(exit::OK)).await;
         }
     }
     ModeOutcome::default()
@@ -534,7 +549,9 @@ pub async fn run_basic(mut ctx: ModeContext) -> ModeOutcome {
             },
             accepted = listener.accept(), if !basic.is_connected() && !backoff.waiting() => {
                 let (r, w) = match accepted {
-                    Ok(c) => c,
+                    Ok(Some(c)) => c,
+                    // Only a handed-over source ends, and basic mode never has one.
+                    Ok(None) => continue,
                     Err(e) => {
                         backoff.failed(&e);
                         continue;
@@ -558,7 +575,7 @@ pub async fn run_basic(mut ctx: ModeContext) -> ModeOutcome {
     drop(listener);
     match stop {
         Stop::Signal => on_signal(&ctx, use_flag).await,
-        Stop::Closed | Stop::Failed => {
+        Stop::Closed | Stop::Failed | Stop::Drained => {
             if let Some(writer) = conn.and_then(|(_, c)| c.finish()) {
                 tokio::select! {
                     _ = writer => {}
