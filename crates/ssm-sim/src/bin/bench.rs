@@ -59,6 +59,7 @@ const USAGE: &str = "usage: bench [--plugin PATH] [--vs PATH] [--runs N] [--size
   --runs N            repetitions of every figure (default 3; --quick: 1)
   --size-mib N        bytes per unconstrained transfer (default 64; --quick: 8)
   --paced-size-mib N  bytes per paced / realistic-profile transfer (default 8; --quick: 1)
+  --pool-size-mib N   bytes per transfer of the pool scenario (default 8; --quick: 1)
   --max-secs S        cap on any one transfer or echo series (default 60; --quick: 3)
   --echo-trips N      1-byte echo round trips on loopback (default 2000; --quick: 500)
   --load-secs S       how long echoes under a bulk upload are timed (default 15; --quick: 2)
@@ -66,7 +67,9 @@ const USAGE: &str = "usage: bench [--plugin PATH] [--vs PATH] [--runs N] [--size
   --only LIST         comma-separated scenarios: unc,paced,long,real,echo,echo-unpaced,
                       echo-real,load,load-real,version (default: all); long = --size-mib
                       each way at default pacing from the unpaused agent, whose window
-                      (100 000 messages) binds, both plugins
+                      (100 000 messages) binds, both plugins; pool = A's `forward
+                      --sessions N` (N = 1, 2, 4, 8) in the realistic profile, 8
+                      parallel transfers of --pool-size-mib each way
   --env-a K=V         extra environment for A (e.g. SSM_PLUGIN_WINDOW_PACKETS=1024);
   --env-b K=V         for B; applied after the scenario's own settings
   --tls               serve HTTPS/WSS (AWS_CA_BUNDLE and SSL_CERT_FILE point at the CA)
@@ -77,6 +80,7 @@ const SCENARIOS: &[&str] = &[
     "unc",
     "paced",
     "long",
+    "pool",
     "real",
     "echo",
     "echo-unpaced",
@@ -95,6 +99,7 @@ struct Opts {
     runs: usize,
     size_mib: f64,
     paced_size_mib: f64,
+    pool_size_mib: f64,
     max_secs: f64,
     echo_trips: usize,
     real_echo_trips: usize,
@@ -125,6 +130,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         runs: if quick { 1 } else { 3 },
         size_mib: if quick { 8.0 } else { 64.0 },
         paced_size_mib: if quick { 1.0 } else { 8.0 },
+        pool_size_mib: if quick { 1.0 } else { 8.0 },
         max_secs: if quick { 3.0 } else { 60.0 },
         echo_trips: if quick { 500 } else { 2000 },
         real_echo_trips: if quick { 20 } else { 100 },
@@ -161,6 +167,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
             "--runs" => o.runs = num(&value(&mut it, flag)?, flag)?,
             "--size-mib" => o.size_mib = num(&value(&mut it, flag)?, flag)?,
             "--paced-size-mib" => o.paced_size_mib = num(&value(&mut it, flag)?, flag)?,
+            "--pool-size-mib" => o.pool_size_mib = num(&value(&mut it, flag)?, flag)?,
             "--max-secs" => o.max_secs = num(&value(&mut it, flag)?, flag)?,
             "--echo-trips" => o.echo_trips = num(&value(&mut it, flag)?, flag)?,
             "--load-secs" => o.load_secs = num(&value(&mut it, flag)?, flag)?,
@@ -887,6 +894,60 @@ const FIGURES: &[FigureDef] = &[
         Better::Higher,
     ),
     fig(
+        "pool1_down",
+        "pool of 1, realistic, 8 parallel downloads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool1_up",
+        "pool of 1, realistic, 8 parallel uploads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool2_down",
+        "pool of 2, realistic, 8 parallel downloads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool2_up",
+        "pool of 2, realistic, 8 parallel uploads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool4_down",
+        "pool of 4, realistic, 8 parallel downloads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool4_up",
+        "pool of 4, realistic, 8 parallel uploads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool8_down",
+        "pool of 8, realistic, 8 parallel downloads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool8_up",
+        "pool of 8, realistic, 8 parallel uploads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool_viol",
+        "  pool: cap violations, all sessions",
+        "count",
+        Better::Zero,
+    ),
+    fig(
         "real_up",
         "upload, realistic profile",
         "MiB/s",
@@ -1114,6 +1175,8 @@ enum Dir {
 #[derive(Clone, Copy)]
 enum Job {
     Transfer(&'static str, Dir),
+    /// A's `forward --sessions N`, 8 parallel transfers.
+    Pool(usize, Dir),
     Echo(EchoKind),
     Load(bool),
 }
@@ -1183,7 +1246,7 @@ impl Bench {
 
     /// Runs `job` for every run and plugin, alternating A and B.
     async fn each_run(&mut self, scenario: &str, job: Job) {
-        let skip_official = matches!(job, Job::Transfer("paced", _));
+        let skip_official = matches!(job, Job::Transfer("paced", _) | Job::Pool(..));
         for run in 0..self.opts.runs {
             for who in 0..self.plugins.len() {
                 if skip_official && self.plugins[who].official {
@@ -1199,6 +1262,7 @@ impl Bench {
                     Job::Transfer(s, dir) => self.transfer(who, run, s, dir).await,
                     Job::Echo(kind) => self.echo_run(who, run, kind).await,
                     Job::Load(real) => self.load_run(who, run, real).await,
+                    Job::Pool(n, dir) => self.pool_run(who, run, n, dir).await,
                 };
                 if let Err(e) = r {
                     let msg = format!(
@@ -1347,6 +1411,137 @@ impl Bench {
                 "pps_cap_violations": st.pps_cap_violations,
                 "websockets": st.ws_connections,
             },
+        }));
+        Ok(())
+    }
+
+    /// `forward --sessions n` against a simulator of its own in the realistic profile (the
+    /// standalone client calls StartSession itself, so the profile is the simulator's),
+    /// 8 parallel transfers of `--pool-size-mib`; the aggregate rate is all bytes over the
+    /// time until the last transfer ended.
+    async fn pool_run(&mut self, who: usize, run: usize, n: usize, dir: Dir) -> Result<(), String> {
+        const PARALLEL: usize = 8;
+        let plugin = self.plugins[who].clone();
+        let sim = Simulator::start(SimConfig {
+            tls: self.opts.tls,
+            ..realistic(self.opts.agent_delay_ms)
+        })
+        .await
+        .map_err(|e| format!("simulator: {e}"))?;
+        let target = Target::start().await.map_err(|e| format!("target: {e}"))?;
+        let env = Env {
+            home: self.env.home.clone(),
+            ca: sim.ca_pem_path(),
+        };
+        let lp = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+            l.local_addr().map_err(|e| e.to_string())?.port()
+        };
+        let mut cmd = base_command(&plugin.path, &env);
+        cmd.args(["forward", DEFAULT_TARGET, "-L"])
+            .arg(format!("{lp}:{}", target.port))
+            .args(["--sessions", &n.to_string()])
+            .env("AWS_ENDPOINT_URL_SSM", sim.endpoint_url())
+            .env("XDG_CONFIG_HOME", self.env.home.join("no-config"));
+        for (k, v) in &plugin.extra_env {
+            cmd.env(k, v);
+        }
+        let (mut proc, _) =
+            Proc::spawn(cmd).map_err(|e| format!("cannot run {}: {e}", plugin.path.display()))?;
+        proc.wait_line("Waiting for connections", STARTUP_TIMEOUT)
+            .await
+            .map_err(|e| format!("{e}\n{}", proc.output_tail()))?;
+        let size = (self.opts.pool_size_mib * MIB) as u64;
+        let deadline = self.deadline();
+        let start = Instant::now();
+        let moved = match dir {
+            Dir::Down => {
+                let jobs = (0..PARALLEL).map(|_| download(lp, size, deadline));
+                futures_util::future::join_all(jobs).await
+            }
+            Dir::Up => {
+                let base = target.sunk();
+                let mut writers = Vec::new();
+                for _ in 0..PARALLEL {
+                    writers.push(bulk_writer(lp, size).await?);
+                }
+                let mut rx = target.sunk.clone();
+                let total = size * PARALLEL as u64;
+                let done =
+                    tokio::time::timeout_at(deadline.into(), rx.wait_for(|c| *c - base >= total))
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                let secs = start.elapsed().as_secs_f64();
+                for w in writers {
+                    w.abort();
+                }
+                vec![Ok(Moved {
+                    bytes: target.sunk() - base,
+                    secs,
+                    capped: !done,
+                })]
+            }
+        };
+        let secs = start.elapsed().as_secs_f64();
+        let mut bytes = 0;
+        let mut capped = false;
+        for m in moved {
+            let m = m?;
+            bytes += m.bytes;
+            capped |= m.capped;
+        }
+        let secs = if dir == Dir::Up {
+            secs.min(self.opts.max_secs)
+        } else {
+            secs
+        };
+        let rate = bytes as f64 / MIB / secs;
+        let ids = sim.session_ids();
+        let viol: u32 = ids
+            .iter()
+            .filter_map(|id| sim.stats(id))
+            .map(|s| s.pps_cap_violations)
+            .sum();
+        let peak = ids
+            .iter()
+            .filter_map(|id| sim.stats(id))
+            .map(|s| s.max_client_frames_per_sec)
+            .max()
+            .unwrap_or(0);
+        let per: Vec<String> = ids
+            .iter()
+            .filter_map(|id| sim.stats(id))
+            .map(|s| {
+                format!(
+                    "{:.1}",
+                    (s.output_payload_bytes + s.input_payload_bytes) as f64 / MIB
+                )
+            })
+            .collect();
+        proc.state.signal(libc::SIGINT);
+        let _ = proc.wait_exit(Duration::from_secs(10)).await;
+        let d = if dir == Dir::Up { "up" } else { "down" };
+        let key = FIGURES
+            .iter()
+            .find(|f| f.key == format!("pool{n}_{d}"))
+            .map(|f| f.key)
+            .unwrap_or("");
+        self.res.add(key, who, rate);
+        self.res.add("pool_viol", who, f64::from(viol));
+        self.progress(&format!(
+            "pool {n} {d} run {} {}: {rate:.2} MiB/s aggregate ({:.1} MiB in {secs:.2} s{}), \
+             {} sessions, MiB per session {per:?}, peak client fps {peak}, violations {viol}",
+            run + 1,
+            plugin.label,
+            bytes as f64 / MIB,
+            if capped { ", capped" } else { "" },
+            ids.len(),
+        ));
+        self.res.records.push(json!({
+            "scenario": "pool", "sessions": n, "direction": d, "run": run + 1,
+            "plugin": plugin.label, "bytes": bytes, "secs": secs, "mib_per_s": rate,
+            "capped": capped, "sim_sessions": ids.len(), "pps_cap_violations": viol,
+            "max_client_frames_per_sec": peak,
         }));
         Ok(())
     }
@@ -1529,6 +1724,14 @@ impl Bench {
             ("paced", Job::Transfer("paced", Dir::Down)),
             ("long", Job::Transfer("long", Dir::Up)),
             ("long", Job::Transfer("long", Dir::Down)),
+            ("pool", Job::Pool(1, Dir::Down)),
+            ("pool", Job::Pool(2, Dir::Down)),
+            ("pool", Job::Pool(4, Dir::Down)),
+            ("pool", Job::Pool(8, Dir::Down)),
+            ("pool", Job::Pool(1, Dir::Up)),
+            ("pool", Job::Pool(2, Dir::Up)),
+            ("pool", Job::Pool(4, Dir::Up)),
+            ("pool", Job::Pool(8, Dir::Up)),
             ("real", Job::Transfer("real", Dir::Up)),
             ("real", Job::Transfer("real", Dir::Down)),
             ("echo", Job::Echo(EchoKind::Loopback)),
