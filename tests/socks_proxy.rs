@@ -34,6 +34,10 @@ async fn start_proxy(
     let mut args = vec!["socks", TARGET, "--listen", listen];
     args.extend_from_slice(extra);
     let mut cmd = cli(sim, None, home, &args);
+    // The refusal must be seen however loaded the machine is: the first connection to a
+    // destination waits up to 5 s for it (the default is 500 ms); successes that carry
+    // data from the destination are answered as soon as it comes.
+    cmd.env("SSM_PLUGIN_SOCKS_VERDICT_MS", "5000");
     cmd.stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let child = cmd.spawn().expect("spawn socks");

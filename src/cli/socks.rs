@@ -37,8 +37,24 @@ use crate::modes::{BoxRead, BoxWrite, ModeOutcome};
 use crate::{exit, session};
 
 /// How long the first connection to a destination waits for the agent to report that it
-/// could not reach it, when the destination sends nothing first.
+/// could not reach it, when the destination sends nothing first
+/// (`SSM_PLUGIN_SOCKS_VERDICT_MS` overrides it, 0 to 60000).
 const VERDICT_WAIT: Duration = Duration::from_millis(500);
+
+fn verdict_wait() -> Result<Duration, String> {
+    match std::env::var("SSM_PLUGIN_SOCKS_VERDICT_MS") {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|ms| *ms <= 60_000)
+            .map(Duration::from_millis)
+            .ok_or_else(|| {
+                format!("SSM_PLUGIN_SOCKS_VERDICT_MS: {v:?} is not 0 to 60000 milliseconds")
+            }),
+        _ => Ok(VERDICT_WAIT),
+    }
+}
 /// A client that has not finished its handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most handshake bytes buffered from one client.
@@ -89,6 +105,7 @@ struct Proxy {
     client: Client,
     target: String,
     credentials: Option<(String, String)>,
+    verdict_wait: Duration,
     sessions: Mutex<HashMap<Destination, Arc<DestSession>>>,
 }
 
@@ -118,6 +135,7 @@ pub fn main(a: Args) -> Result<u8, Failure> {
             a.listen
         )));
     }
+    let verdict_wait = verdict_wait().map_err(Failure::usage)?;
     let cfg = load_config(&a.aws)?;
     let client = Client::new(&a.aws, &cfg.defaults)?;
     let rt = runtime()?;
@@ -129,6 +147,7 @@ pub fn main(a: Args) -> Result<u8, Failure> {
         client,
         target: id,
         credentials,
+        verdict_wait,
         sessions: Mutex::new(HashMap::new()),
     });
     let code = rt.block_on(serve(proxy, a.listen, console));
@@ -405,7 +424,7 @@ async fn serve_client(proxy: Arc<Proxy>, mut stream: TcpStream) -> Result<(), St
                 Ok(n) => Ok(n),
                 Err(_) => Err(()),
             },
-            _ = tokio::time::sleep(VERDICT_WAIT) => Ok(0),
+            _ = tokio::time::sleep(proxy.verdict_wait) => Ok(0),
         };
         match verdict {
             Err(()) => {
