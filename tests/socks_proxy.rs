@@ -257,3 +257,50 @@ async fn username_password_off_loopback() {
     );
     drop(p);
 }
+
+/// `socks --sessions 3`: one destination's connections spread over three sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socks_pools_a_destination_over_several_sessions() {
+    let sim = start_sim().await;
+    let home = TempDir::new("socks-pool");
+    let echo = echo_server().await;
+    let p = start_proxy(
+        &sim,
+        home.path(),
+        &format!("127.0.0.1:{}", free_port()),
+        &["--sessions", "3"],
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..12u64 {
+        let (proxy, port) = (p.port, echo.port);
+        tasks.push(tokio::spawn(async move {
+            let (mut s, code) = raw_connect(proxy, port).await;
+            assert_eq!(code, 0, "connection {i}");
+            let data = random_bytes(256 * 1024, 200 + i);
+            let (mut r, mut w) = s.split();
+            let mut back = vec![0u8; data.len()];
+            let (a, b) = tokio::join!(w.write_all(&data), r.read_exact(&mut back));
+            a.unwrap();
+            b.unwrap();
+            assert!(back == data, "connection {i}: echo differs");
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t)
+            .await
+            .expect("connections done in time")
+            .expect("connection task");
+    }
+    let ids = sim.session_ids();
+    assert_eq!(ids.len(), 3, "three sessions for the destination: {ids:?}");
+    for id in &ids {
+        let s = sim.stats(id).expect("stats");
+        assert!(
+            s.input_payload_bytes >= 256 * 1024,
+            "{id} carried {} bytes: the connections were not spread",
+            s.input_payload_bytes
+        );
+    }
+    drop(p);
+}

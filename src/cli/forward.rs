@@ -201,6 +201,7 @@ async fn one(client: &Arc<Client>, id: &str, spec: &Spec, console: Console, pool
             req,
             pool.sessions,
             Duration::from_secs(pool.idle_timeout),
+            super::pool::MAX_START_FAILURES,
         );
         let code = super::pool::serve(p, listener, console).await;
         console.error(&format!(

@@ -5,7 +5,8 @@
 //! The pool owns the listener; every session runs the mux port mode over connections
 //! handed to it ([`crate::modes::port::run_mux_handed`]). A new connection goes to the
 //! least-loaded ready session: fewest open connections, then fewest bytes carried in the
-//! last few seconds. Each session reconnects on its own (the driver's ResumeSession
+//! last few seconds; while sessions are still starting, a connection waits for one of
+//! them rather than share a busy one. Each session reconnects on its own (the driver's ResumeSession
 //! path); one that ends is replaced; sessions beyond the first that carried nothing for
 //! the idle time are closed (their source is closed, the mode ends the session once its
 //! last connection is done) and reopened when load calls for them.
@@ -15,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ssm_wire::mode::ModeKind;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tokio::time::Instant;
@@ -32,10 +33,12 @@ use crate::{exit, session};
 const HANDOFF_QUEUE: usize = 64;
 /// Buffer of the pipe between a local connection and its session stream.
 const PIPE: usize = 64 * 1024;
+/// Longest a connection waits for a starting session instead of sharing a busy one.
+const WARM_WAIT: Duration = Duration::from_secs(30);
 /// How often the pool looks for ended and idle sessions.
 const SWEEP: Duration = Duration::from_secs(1);
-/// StartSession failures in a row after which a connection is given up.
-const MAX_START_FAILURES: u32 = 5;
+/// StartSession failures in a row after which `forward` gives up.
+pub const MAX_START_FAILURES: u32 = 5;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum State {
@@ -47,6 +50,8 @@ enum State {
 /// One session of the pool.
 pub struct Member {
     conns: Mutex<Option<mpsc::Sender<(BoxRead, BoxWrite)>>>,
+    /// The agent could not reach the destination (`ConnectToPortError`).
+    pub refused: broadcast::Sender<()>,
     state: watch::Receiver<State>,
     active: AtomicUsize,
     /// Bytes carried, both ways, in the current and the previous sweep period.
@@ -85,6 +90,8 @@ pub struct Pool {
     members: Mutex<Vec<Arc<Member>>>,
     changed: Notify,
     start_failures: AtomicU64,
+    /// StartSession failures within one wait for a session after which it gives up.
+    give_up_after: u64,
 }
 
 impl Pool {
@@ -94,6 +101,7 @@ impl Pool {
         request: StartRequest,
         size: usize,
         idle: Duration,
+        give_up_after: u32,
     ) -> Arc<Pool> {
         Arc::new(Pool {
             client,
@@ -104,6 +112,7 @@ impl Pool {
             members: Mutex::new(Vec::new()),
             changed: Notify::new(),
             start_failures: AtomicU64::new(0),
+            give_up_after: u64::from(give_up_after.max(1)),
         })
     }
 
@@ -127,8 +136,10 @@ impl Pool {
     fn start_member(self: &Arc<Self>) -> Arc<Member> {
         let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
         let (state_tx, state_rx) = watch::channel(State::Starting);
+        let (refused, _) = broadcast::channel(16);
         let m = Arc::new(Member {
             conns: Mutex::new(Some(tx)),
+            refused: refused.clone(),
             state: state_rx,
             active: AtomicUsize::new(0),
             bytes_now: AtomicU64::new(0),
@@ -138,7 +149,6 @@ impl Pool {
         if let Ok(mut v) = self.members.lock() {
             v.push(m.clone());
         }
-        let (refused, _) = broadcast::channel(16);
         let handoff = Handoff { conns: rx, refused };
         tokio::spawn(self.clone().run_member(handoff, state_tx));
         m
@@ -170,6 +180,8 @@ impl Pool {
                     return ModeOutcome::default();
                 };
                 if kind != ModeKind::MuxPort {
+                    // Counts as a failed start: another session would fare no better.
+                    pool.start_failures.fetch_add(1, Ordering::Relaxed);
                     ctx.console.error(&format!(
                         "session-manager-plugin: --sessions needs multiplexed port sessions (agent 3.0.196.0 or later); the agent offers {kind:?}"
                     ));
@@ -255,6 +267,8 @@ impl Pool {
     /// busy; waits while none is ready.
     async fn pick(self: &Arc<Self>) -> Option<(Arc<Member>, mpsc::Sender<(BoxRead, BoxWrite)>)> {
         let deadline = Instant::now() + Duration::from_secs(120);
+        let failures_before = self.start_failures.load(Ordering::Relaxed);
+        let warm_until = Instant::now() + WARM_WAIT;
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -273,17 +287,25 @@ impl Pool {
                 .iter()
                 .any(|(m, _)| *m.state.borrow() == State::Starting);
             if let Some((m, _)) = &best {
-                if m.load().0 > 0 && open.len() < self.size && !starting {
-                    self.start_member();
+                let busy = m.load().0 > 0;
+                // While the pool starts, a connection waits for a starting session
+                // rather than share a busy one (bounded: then it shares).
+                let wait_for_start = busy && starting && Instant::now() < warm_until;
+                if !wait_for_start {
+                    if busy && open.len() < self.size && !starting {
+                        self.start_member();
+                    }
+                    return best;
                 }
             }
-            if best.is_some() {
-                return best;
-            }
-            if self.start_failures.load(Ordering::Relaxed) >= u64::from(MAX_START_FAILURES) {
+            let failed = self
+                .start_failures
+                .load(Ordering::Relaxed)
+                .saturating_sub(failures_before);
+            if failed >= self.give_up_after {
                 return None;
             }
-            if !starting {
+            if best.is_none() && !starting {
                 self.start_member();
             }
             tokio::select! {
@@ -294,32 +316,68 @@ impl Pool {
         }
     }
 
+    /// Starts the pool's sessions and its sweeper.
+    pub fn start(self: &Arc<Self>) {
+        self.fill();
+        tokio::spawn(self.clone().sweep());
+    }
+
+    /// A stream on the least-loaded ready session: the caller's end of a pipe whose other
+    /// end the session's mode serves, and the session. `None` when no session could start.
+    pub async fn open_stream(self: &Arc<Self>) -> Option<(Arc<Member>, DuplexStream)> {
+        let (m, tx) = self.pick().await?;
+        let (ours, theirs) = tokio::io::duplex(PIPE);
+        let (tr, tw) = tokio::io::split(theirs);
+        if tx.send((Box::new(tr), Box::new(tw))).await.is_err() {
+            warn!("pool: the session ended before taking a connection");
+            return None;
+        }
+        m.active.fetch_add(1, Ordering::Relaxed);
+        *m.last_busy.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        Some((m, ours))
+    }
+
+    /// Copies between a local connection and its stream until both are done, counting the
+    /// bytes as the session's load.
+    pub async fn carry<S>(member: Arc<Member>, stream: S, mut pipe: DuplexStream)
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        let mut counted = Counted {
+            inner: stream,
+            member: member.clone(),
+        };
+        let _ = tokio::io::copy_bidirectional(&mut counted, &mut pipe).await;
+        Pool::release(&member);
+    }
+
+    /// A stream from [`Pool::open_stream`] is done (without [`Pool::carry`]).
+    pub fn release(member: &Member) {
+        member.active.fetch_sub(1, Ordering::Relaxed);
+        *member.last_busy.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
     /// Serves one local connection on a session of the pool.
     pub async fn dispatch<S>(self: Arc<Self>, stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Some((m, tx)) = self.pick().await else {
+        let Some((m, pipe)) = self.open_stream().await else {
             warn!("pool: no session to carry a connection; closing it");
             return;
         };
-        let (ours, theirs) = tokio::io::duplex(PIPE);
-        let (tr, tw) = tokio::io::split(theirs);
-        if tx.send((Box::new(tr), Box::new(tw))).await.is_err() {
-            warn!("pool: the session ended before taking a connection");
-            return;
-        }
-        m.active.fetch_add(1, Ordering::Relaxed);
-        *m.last_busy.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        let counted = Counted {
-            inner: stream,
-            member: m.clone(),
+        Pool::carry(m, stream, pipe).await;
+    }
+
+    /// Waits (bounded by the flush timeout) until every session has ended.
+    pub async fn wait_ended(&self) {
+        let wait = async {
+            for m in self.members() {
+                let mut st = m.state.clone();
+                let _ = st.wait_for(|s| *s == State::Ended).await;
+            }
         };
-        let mut counted = counted;
-        let mut pipe = ours;
-        let _ = tokio::io::copy_bidirectional(&mut counted, &mut pipe).await;
-        m.active.fetch_sub(1, Ordering::Relaxed);
-        *m.last_busy.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        let _ = tokio::time::timeout(self.client.options.flush_timeout, wait).await;
     }
 }
 
@@ -377,8 +435,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
 /// `Port N opened` line once the first session is ready.
 pub async fn serve(pool: Arc<Pool>, listener: TcpListener, console: Console) -> u8 {
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    pool.fill();
-    tokio::spawn(pool.clone().sweep());
+    pool.start();
     let stop = super::socks::terminate_signal();
     tokio::pin!(stop);
     // The line scripts wait for, once a session can carry connections.
@@ -428,12 +485,6 @@ pub async fn serve(pool: Arc<Pool>, listener: TcpListener, console: Console) -> 
         }
     }
     // Every session's mode saw the same signal and is ending its session.
-    let wait = async {
-        for m in pool.members() {
-            let mut st = m.state.clone();
-            let _ = st.wait_for(|s| *s == State::Ended).await;
-        }
-    };
-    let _ = tokio::time::timeout(pool.client.options.flush_timeout, wait).await;
+    pool.wait_ended().await;
     exit::OK
 }

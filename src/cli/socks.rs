@@ -1,10 +1,11 @@
-//! `socks TARGET [--listen ADDR:PORT] [--auth USER:PASSWORD]`: a SOCKS5 proxy (RFC 1928,
-//! CONNECT) and HTTP CONNECT proxy on one listener, into TARGET's network.
+//! `socks TARGET [--listen ADDR:PORT] [--auth USER:PASSWORD] [--sessions N]`: a SOCKS5
+//! proxy (RFC 1928, CONNECT) and HTTP CONNECT proxy on one listener, into TARGET's
+//! network.
 //!
 //! Each destination (host and port, as the client named it) gets one
-//! `AWS-StartPortForwardingSessionToRemoteHost` session, started on its first CONNECT and
-//! reused by every later connection to it; each connection is one smux stream of that
-//! session. Domain names go to the agent unresolved, so names only the instance can
+//! `AWS-StartPortForwardingSessionToRemoteHost` session (a [`Pool`] of `--sessions N`),
+//! started on its first CONNECT and reused by every later connection to it; each
+//! connection is one smux stream of a session. Domain names go to the agent unresolved, so names only the instance can
 //! resolve (private DNS) work. Authentication: none on a loopback listener unless
 //! `--auth` is given; required (RFC 1929, or `Proxy-Authorization: Basic` for HTTP) on any
 //! other address.
@@ -22,19 +23,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ssm_wire::mode::ModeKind;
 use ssm_wire::socks::{Destination, Handshake, Outcome, Reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
-use super::aws_ops::{self, StartRequest};
+use super::aws_ops::StartRequest;
+use super::forward::PoolArgs;
+use super::pool::Pool;
 use super::{load_config, runtime, target, AwsArgs, Client, Failure};
 use crate::console::Console;
-use crate::modes::port::{run_mux_handed, Handoff};
-use crate::modes::{BoxRead, BoxWrite, ModeOutcome};
-use crate::{exit, session};
+use crate::exit;
 
 /// How long the first connection to a destination waits for the agent to report that it
 /// could not reach it, when the destination sends nothing first
@@ -59,10 +58,6 @@ fn verdict_wait() -> Result<Duration, String> {
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most handshake bytes buffered from one client.
 const MAX_HANDSHAKE: usize = 16 * 1024;
-/// Connections waiting to be taken by a session.
-const HANDOFF_QUEUE: usize = 64;
-/// Buffer of the pipe between a client's socket and its session stream.
-const PIPE: usize = 64 * 1024;
 
 #[derive(clap::Args, Debug)]
 #[command(after_help = "Examples:\n  \
@@ -80,33 +75,27 @@ pub struct Args {
     /// read from SSM_PLUGIN_SOCKS_AUTH).
     #[arg(long, value_name = "USER:PASSWORD")]
     pub auth: Option<String>,
+    /// Sessions per destination (`--sessions`, `--idle-timeout`: as for `forward`).
+    #[command(flatten)]
+    pub pool: PoolArgs,
     #[command(flatten)]
     pub aws: AwsArgs,
 }
 
-/// Where a destination's session is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum State {
-    Starting,
-    Ready,
-    Failed(String),
-}
-
-/// One destination's session, shared by its connections.
-struct DestSession {
-    conns: mpsc::Sender<(BoxRead, BoxWrite)>,
-    refused: broadcast::Sender<()>,
-    state: watch::Receiver<State>,
-    /// A connection to it got through: later ones are answered at once.
+/// One destination: its pool of sessions, and whether a connection to it got through
+/// (later ones are then answered at once).
+struct Dest {
+    pool: Arc<Pool>,
     reached: AtomicBool,
 }
 
 struct Proxy {
-    client: Client,
+    client: Arc<Client>,
     target: String,
     credentials: Option<(String, String)>,
     verdict_wait: Duration,
-    sessions: Mutex<HashMap<Destination, Arc<DestSession>>>,
+    pool: PoolArgs,
+    dests: Mutex<HashMap<Destination, Arc<Dest>>>,
 }
 
 fn parse_auth(s: &str) -> Result<(String, String), String> {
@@ -144,11 +133,12 @@ pub fn main(a: Args) -> Result<u8, Failure> {
         quiet: client.options.quiet,
     };
     let proxy = Arc::new(Proxy {
-        client,
+        client: Arc::new(client),
         target: id,
         credentials,
         verdict_wait,
-        sessions: Mutex::new(HashMap::new()),
+        pool: a.pool,
+        dests: Mutex::new(HashMap::new()),
     });
     let code = rt.block_on(serve(proxy, a.listen, console));
     rt.shutdown_background();
@@ -186,19 +176,15 @@ async fn serve(proxy: Arc<Proxy>, listen: SocketAddr, console: Console) -> Resul
         }
     }
     drop(listener);
-    // Each session's port mode saw the same signal and is ending its session; give them
-    // the flush time the options allow.
-    let sessions: Vec<_> = proxy
-        .sessions
+    // Each session's port mode saw the same signal and is ending its session.
+    let dests: Vec<_> = proxy
+        .dests
         .lock()
         .map(|m| m.values().cloned().collect())
         .unwrap_or_default();
-    let wait_all = async {
-        for s in sessions {
-            s.conns.closed().await;
-        }
-    };
-    let _ = tokio::time::timeout(proxy.client.options.flush_timeout, wait_all).await;
+    for d in dests {
+        d.pool.wait_ended().await;
+    }
     Ok(exit::OK)
 }
 
@@ -224,126 +210,34 @@ pub(super) async fn terminate_signal() {
 }
 
 impl Proxy {
-    /// The destination's session, started if there is none (or the last one ended).
-    fn session_for(self: &Arc<Self>, dest: &Destination) -> Arc<DestSession> {
-        let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = map.get(dest) {
-            let failed = matches!(*s.state.borrow(), State::Failed(_));
-            if !failed && !s.conns.is_closed() {
-                return s.clone();
-            }
+    /// The destination's pool, created (and started) on its first CONNECT.
+    fn dest(&self, dest: &Destination) -> Arc<Dest> {
+        let mut map = self.dests.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = map.get(dest) {
+            return d.clone();
         }
-        let (conns_tx, conns_rx) = mpsc::channel(HANDOFF_QUEUE);
-        let (refused, _) = broadcast::channel(16);
-        let (state_tx, state_rx) = watch::channel(State::Starting);
-        let s = Arc::new(DestSession {
-            conns: conns_tx,
-            refused: refused.clone(),
-            state: state_rx,
+        let req = StartRequest::new(
+            self.target.clone(),
+            Some("AWS-StartPortForwardingSessionToRemoteHost"),
+        )
+        .param("host", dest.host.clone())
+        .param("portNumber", dest.port.to_string())
+        .param("localPortNumber", "0");
+        let pool = Pool::new(
+            self.client.clone(),
+            self.target.clone(),
+            req,
+            self.pool.sessions,
+            Duration::from_secs(self.pool.idle_timeout),
+            1,
+        );
+        pool.start();
+        let d = Arc::new(Dest {
+            pool,
             reached: AtomicBool::new(false),
         });
-        map.insert(dest.clone(), s.clone());
-        let handoff = Handoff {
-            conns: conns_rx,
-            refused,
-        };
-        tokio::spawn(run_dest_session(
-            self.clone(),
-            dest.clone(),
-            s.clone(),
-            handoff,
-            state_tx,
-        ));
-        s
-    }
-}
-
-async fn run_dest_session(
-    proxy: Arc<Proxy>,
-    dest: Destination,
-    me: Arc<DestSession>,
-    handoff: Handoff,
-    state: watch::Sender<State>,
-) {
-    let req = StartRequest::new(
-        proxy.target.clone(),
-        Some("AWS-StartPortForwardingSessionToRemoteHost"),
-    )
-    .param("host", dest.host.clone())
-    .param("portNumber", dest.port.to_string())
-    .param("localPortNumber", "0");
-    let resp = match aws_ops::start_session(&proxy.client.aws, &req).await {
-        Ok(r) => r,
-        Err(e) => {
-            warn!("socks {dest}: StartSession failed: {e}");
-            let _ = state.send(State::Failed(e.to_string()));
-            forget(&proxy, &dest, &me);
-            return;
-        }
-    };
-    info!("socks {dest}: session {}", resp.session_id);
-    let slot = Arc::new(Mutex::new(Some((handoff, state.clone()))));
-    let modes: session::ModeStarter = Arc::new(move |kind, ctx| {
-        let taken = slot.lock().ok().and_then(|mut s| s.take());
-        Box::pin(async move {
-            let Some((handoff, state)) = taken else {
-                return ModeOutcome::default();
-            };
-            if kind != ModeKind::MuxPort {
-                let why = format!(
-                    "the agent offers {kind:?}; the SOCKS proxy needs multiplexed port sessions (agent 3.0.196.0 or later)"
-                );
-                let _ = state.send(State::Failed(why.clone()));
-                ctx.console
-                    .error(&format!("session-manager-plugin: socks: {why}"));
-                let _ = ctx
-                    .up
-                    .send(crate::modes::Up::Flag(
-                        ssm_wire::payload::Flag::TerminateSession,
-                    ))
-                    .await;
-                let _ = ctx
-                    .up
-                    .send(crate::modes::Up::Finish(exit::SESSION_FAILED))
-                    .await;
-                return ModeOutcome {
-                    failed: Some(exit::SESSION_FAILED),
-                    ..ModeOutcome::default()
-                };
-            }
-            let _ = state.send(State::Ready);
-            run_mux_handed(ctx, handoff).await
-        })
-    });
-    // Status lines of these sessions go to stderr: stdout is the proxy's own.
-    let console = Console { quiet: true };
-    let code = proxy
-        .client
-        .run_session_with_modes(
-            resp,
-            &proxy.target,
-            console,
-            proxy.client.options.clone(),
-            modes,
-        )
-        .await;
-    info!("socks {dest}: session ended with status {code}");
-    state.send_if_modified(|s| {
-        if *s == State::Starting {
-            *s = State::Failed(format!("the session ended with status {code}"));
-            true
-        } else {
-            false
-        }
-    });
-    forget(&proxy, &dest, &me);
-}
-
-/// Removes a destination's entry if it is still this session.
-fn forget(proxy: &Proxy, dest: &Destination, me: &Arc<DestSession>) {
-    let mut map = proxy.sessions.lock().unwrap_or_else(|e| e.into_inner());
-    if map.get(dest).is_some_and(|s| Arc::ptr_eq(s, me)) {
-        map.remove(dest);
+        map.insert(dest.clone(), d.clone());
+        d
     }
 }
 
@@ -387,43 +281,25 @@ async fn serve_client(proxy: Arc<Proxy>, mut stream: TcpStream) -> Result<(), St
         .await
         .map_err(|_| "handshake timed out".to_owned())??;
     debug!("socks CONNECT {dest}");
-    let s = proxy.session_for(&dest);
-    let mut st = s.state.clone();
-    let state = st
-        .wait_for(|s| *s != State::Starting)
-        .await
-        .map(|s| s.clone())
-        .unwrap_or(State::Failed("the session ended".to_owned()));
-    if let State::Failed(why) = state {
+    let d = proxy.dest(&dest);
+    let Some((member, mut pipe)) = d.pool.open_stream().await else {
         let _ = stream
             .write_all(&hs.connect_reply(Reply::GeneralFailure))
             .await;
-        return Err(format!("{dest}: {why}"));
-    }
-    let (ours, theirs) = tokio::io::duplex(PIPE);
-    let (tr, tw) = tokio::io::split(theirs);
-    let mut refused = s.refused.subscribe();
-    if s.conns.send((Box::new(tr), Box::new(tw))).await.is_err() {
-        let _ = stream
-            .write_all(&hs.connect_reply(Reply::GeneralFailure))
-            .await;
-        return Err(format!("{dest}: the session ended"));
-    }
-    let mut pipe = ours;
+        return Err(format!("{dest}: no session could start"));
+    };
+    let mut refused = member.refused.subscribe();
     if !early.is_empty() {
         pipe.write_all(&early).await.map_err(|e| e.to_string())?;
     }
     let mut first = vec![0u8; 16 * 1024];
     let mut got = 0;
-    if !s.reached.load(Ordering::Relaxed) {
+    if !d.reached.load(Ordering::Relaxed) {
         // Reached (data, or nothing wrong within the wait) or refused.
         let verdict = tokio::select! {
             biased;
             _ = refused.recv() => Err(()),
-            r = pipe.read(&mut first) => match r {
-                Ok(n) => Ok(n),
-                Err(_) => Err(()),
-            },
+            r = pipe.read(&mut first) => r.map_err(|_| ()),
             _ = tokio::time::sleep(proxy.verdict_wait) => Ok(0),
         };
         match verdict {
@@ -431,11 +307,13 @@ async fn serve_client(proxy: Arc<Proxy>, mut stream: TcpStream) -> Result<(), St
                 let _ = stream
                     .write_all(&hs.connect_reply(Reply::ConnectionRefused))
                     .await;
+                drop(pipe);
+                Pool::release(&member);
                 return Err(format!("{dest}: the agent could not connect"));
             }
             Ok(n) => got = n,
         }
-        s.reached.store(true, Ordering::Relaxed);
+        d.reached.store(true, Ordering::Relaxed);
     }
     stream
         .write_all(&hs.connect_reply(Reply::Succeeded))
@@ -448,10 +326,8 @@ async fn serve_client(proxy: Arc<Proxy>, mut stream: TcpStream) -> Result<(), St
             .map_err(|e| e.to_string())?;
     }
     drop(first);
-    tokio::io::copy_bidirectional(&mut stream, &mut pipe)
-        .await
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    Pool::carry(member, stream, pipe).await;
+    Ok(())
 }
 
 #[cfg(test)]
