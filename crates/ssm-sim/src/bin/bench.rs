@@ -69,7 +69,9 @@ const USAGE: &str = "usage: bench [--plugin PATH] [--vs PATH] [--runs N] [--size
                       each way at default pacing from the unpaused agent, whose window
                       (100 000 messages) binds, both plugins; pool = A's `forward
                       --sessions N` (N = 1, 2, 4, 8) in the realistic profile, 8
-                      parallel transfers of --pool-size-mib each way
+                      parallel transfers of --pool-size-mib each way; socks = A's
+                      SOCKS5 proxy: CONNECT set-up time and a 30-object page load
+                      against the same through one `forward` session
   --env-a K=V         extra environment for A (e.g. SSM_PLUGIN_WINDOW_PACKETS=1024);
   --env-b K=V         for B; applied after the scenario's own settings
   --tls               serve HTTPS/WSS (AWS_CA_BUNDLE and SSL_CERT_FILE point at the CA)
@@ -81,6 +83,7 @@ const SCENARIOS: &[&str] = &[
     "paced",
     "long",
     "pool",
+    "socks",
     "real",
     "echo",
     "echo-unpaced",
@@ -648,6 +651,68 @@ async fn download(port: u16, size: u64, deadline: Instant) -> Result<Moved, Stri
     })
 }
 
+/// A SOCKS5 CONNECT (no authentication) to 127.0.0.1:`port` through the proxy on
+/// `proxy`; returns the stream once the proxy replied success.
+async fn socks_connect(proxy: u16, port: u16) -> Result<TcpStream, String> {
+    let mut s = connect_local(proxy).await?;
+    let mut req = vec![5u8, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1];
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req)
+        .await
+        .map_err(|e| format!("socks write: {e}"))?;
+    let mut rep = [0u8; 12];
+    s.read_exact(&mut rep)
+        .await
+        .map_err(|e| format!("socks reply: {e}"))?;
+    if rep[..2] != [5, 0] || rep[3] != 0 {
+        return Err(format!("socks refused: {rep:?}"));
+    }
+    Ok(s)
+}
+
+/// Reads one object of `size` bytes from a `D` request on `s`.
+async fn fetch_object(mut s: TcpStream, size: u64) -> Result<(), String> {
+    let mut req = vec![b'D'];
+    req.extend_from_slice(&size.to_be_bytes());
+    s.write_all(&req).await.map_err(|e| format!("write: {e}"))?;
+    let mut buf = vec![0u8; size as usize];
+    s.read_exact(&mut buf)
+        .await
+        .map_err(|e| format!("object read: {e}"))?;
+    Ok(())
+}
+
+async fn direct_object(port: u16, size: u64) -> Result<(), String> {
+    fetch_object(connect_local(port).await?, size).await
+}
+
+async fn socks_object(proxy: u16, port: u16, size: u64) -> Result<(), String> {
+    fetch_object(socks_connect(proxy, port).await?, size).await
+}
+
+/// `objects` fetches, `at_once` at a time; the wall time in milliseconds.
+async fn page_load<F, Fut>(
+    objects: usize,
+    _size: u64,
+    at_once: usize,
+    fetch: F,
+) -> Result<f64, String>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    use futures_util::stream::{self, StreamExt};
+    let t = Instant::now();
+    let results: Vec<Result<(), String>> = stream::iter((0..objects).map(|_| fetch()))
+        .buffer_unordered(at_once)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
 /// 1-byte echo round trips (after 3 untimed warm-up trips), in milliseconds.
 async fn echo(port: u16, trips: usize, deadline: Instant) -> Result<Vec<f64>, String> {
     let mut s = connect_local(port).await?;
@@ -948,6 +1013,36 @@ const FIGURES: &[FigureDef] = &[
         Better::Zero,
     ),
     fig(
+        "socks_first_ms",
+        "SOCKS5 CONNECT, first to a destination (session start)",
+        "ms",
+        Better::Lower,
+    ),
+    fig(
+        "socks_next_ms",
+        "SOCKS5 CONNECT, later ones, p50 of 20",
+        "ms",
+        Better::Lower,
+    ),
+    fig(
+        "page_fwd_ms",
+        "30-object page (32 KiB each, 6 at a time), forward, realistic",
+        "ms",
+        Better::Lower,
+    ),
+    fig(
+        "page_socks_ms",
+        "  same through the SOCKS5 proxy (1 session)",
+        "ms",
+        Better::Lower,
+    ),
+    fig(
+        "page_socks4_ms",
+        "  same through the SOCKS5 proxy, --sessions 4",
+        "ms",
+        Better::Lower,
+    ),
+    fig(
         "real_up",
         "upload, realistic profile",
         "MiB/s",
@@ -1177,6 +1272,8 @@ enum Job {
     Transfer(&'static str, Dir),
     /// A's `forward --sessions N`, 8 parallel transfers.
     Pool(usize, Dir),
+    /// A's SOCKS5 proxy against `forward`.
+    Socks,
     Echo(EchoKind),
     Load(bool),
 }
@@ -1246,7 +1343,7 @@ impl Bench {
 
     /// Runs `job` for every run and plugin, alternating A and B.
     async fn each_run(&mut self, scenario: &str, job: Job) {
-        let skip_official = matches!(job, Job::Transfer("paced", _) | Job::Pool(..));
+        let skip_official = matches!(job, Job::Transfer("paced", _) | Job::Pool(..) | Job::Socks);
         for run in 0..self.opts.runs {
             for who in 0..self.plugins.len() {
                 if skip_official && self.plugins[who].official {
@@ -1263,6 +1360,7 @@ impl Bench {
                     Job::Echo(kind) => self.echo_run(who, run, kind).await,
                     Job::Load(real) => self.load_run(who, run, real).await,
                     Job::Pool(n, dir) => self.pool_run(who, run, n, dir).await,
+                    Job::Socks => self.socks_run(who, run).await,
                 };
                 if let Err(e) = r {
                     let msg = format!(
@@ -1546,6 +1644,148 @@ impl Bench {
         Ok(())
     }
 
+    /// Spawns A's standalone client (`args`) against `sim`; returns it once it printed
+    /// `wait_for`.
+    async fn spawn_cli(
+        &self,
+        who: usize,
+        sim: &Simulator,
+        args: &[String],
+        wait_for: &str,
+    ) -> Result<Proc, String> {
+        let plugin = &self.plugins[who];
+        let env = Env {
+            home: self.env.home.clone(),
+            ca: sim.ca_pem_path(),
+        };
+        let mut cmd = base_command(&plugin.path, &env);
+        cmd.args(args)
+            .env("AWS_ENDPOINT_URL_SSM", sim.endpoint_url())
+            .env("XDG_CONFIG_HOME", self.env.home.join("no-config"));
+        for (k, v) in &plugin.extra_env {
+            cmd.env(k, v);
+        }
+        let (mut proc, _) =
+            Proc::spawn(cmd).map_err(|e| format!("cannot run {}: {e}", plugin.path.display()))?;
+        proc.wait_line(wait_for, STARTUP_TIMEOUT)
+            .await
+            .map_err(|e| format!("{e}\n{}", proc.output_tail()))?;
+        Ok(proc)
+    }
+
+    /// SOCKS5 CONNECT set-up times and a 30-object page load (6 connections at a time, a
+    /// fresh connection per object as HTTP/1.1 without keep-alive does) through A's
+    /// proxy, against the same through one `forward` session; realistic profile.
+    async fn socks_run(&mut self, who: usize, run: usize) -> Result<(), String> {
+        const OBJECTS: usize = 30;
+        const OBJECT: u64 = 32 * 1024;
+        const AT_ONCE: usize = 6;
+        let sim = Simulator::start(SimConfig {
+            tls: self.opts.tls,
+            ..realistic(self.opts.agent_delay_ms)
+        })
+        .await
+        .map_err(|e| format!("simulator: {e}"))?;
+        let target = Target::start().await.map_err(|e| format!("target: {e}"))?;
+        let free = || -> Result<u16, String> {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+            Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+        };
+        let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+        // Page through one forward session.
+        let fp = free()?;
+        let mut fwd = self
+            .spawn_cli(
+                who,
+                &sim,
+                &s(&[
+                    "forward",
+                    DEFAULT_TARGET,
+                    "-L",
+                    &format!("{fp}:{}", target.port),
+                ]),
+                "Waiting for connections",
+            )
+            .await?;
+        let page_fwd = page_load(OBJECTS, OBJECT, AT_ONCE, || direct_object(fp, OBJECT)).await?;
+        fwd.state.signal(libc::SIGINT);
+        let _ = fwd.wait_exit(Duration::from_secs(10)).await;
+        let mut socks_figs = Vec::new();
+        for sessions in [1usize, 4] {
+            let sp = free()?;
+            let mut proxy = self
+                .spawn_cli(
+                    who,
+                    &sim,
+                    &s(&[
+                        "socks",
+                        DEFAULT_TARGET,
+                        "--listen",
+                        &format!("127.0.0.1:{sp}"),
+                        "--sessions",
+                        &sessions.to_string(),
+                    ]),
+                    "Waiting for connections",
+                )
+                .await?;
+            let tp = target.port;
+            if sessions == 1 {
+                // The first CONNECT starts the destination's session.
+                let t = Instant::now();
+                let c = socks_connect(sp, tp).await?;
+                let first = t.elapsed().as_secs_f64() * 1e3;
+                drop(c);
+                let mut next = Vec::new();
+                for _ in 0..20 {
+                    let t = Instant::now();
+                    let c = socks_connect(sp, tp).await?;
+                    next.push(t.elapsed().as_secs_f64() * 1e3);
+                    drop(c);
+                }
+                let next = percentile(&sorted(next), 50.0);
+                self.res.add("socks_first_ms", who, first);
+                self.res.add("socks_next_ms", who, next);
+                socks_figs.push(format!(
+                    "first CONNECT {first:.1} ms, later p50 {next:.2} ms"
+                ));
+            } else {
+                // Start the pool and let it settle before timing the page.
+                drop(socks_connect(sp, tp).await?);
+            }
+            let page = page_load(OBJECTS, OBJECT, AT_ONCE, || socks_object(sp, tp, OBJECT)).await?;
+            self.res.add(
+                if sessions == 1 {
+                    "page_socks_ms"
+                } else {
+                    "page_socks4_ms"
+                },
+                who,
+                page,
+            );
+            socks_figs.push(format!("page via SOCKS ({sessions} sessions) {page:.0} ms"));
+            proxy.state.signal(libc::SIGINT);
+            let _ = proxy.wait_exit(Duration::from_secs(10)).await;
+        }
+        self.res.add("page_fwd_ms", who, page_fwd);
+        let viol: u32 = sim
+            .session_ids()
+            .iter()
+            .filter_map(|id| sim.stats(id))
+            .map(|s| s.pps_cap_violations)
+            .sum();
+        self.progress(&format!(
+            "socks run {} {}: page via forward {page_fwd:.0} ms; {}; violations {viol}",
+            run + 1,
+            self.plugins[who].label,
+            socks_figs.join("; ")
+        ));
+        self.res.records.push(json!({
+            "scenario": "socks", "run": run + 1, "plugin": self.plugins[who].label,
+            "page_forward_ms": page_fwd, "details": socks_figs, "pps_cap_violations": viol,
+        }));
+        Ok(())
+    }
+
     async fn echo_run(&mut self, who: usize, run: usize, kind: EchoKind) -> Result<(), String> {
         let realistic_profile = kind == EchoKind::Realistic;
         let (profile, trips, key, env) = match kind {
@@ -1732,6 +1972,7 @@ impl Bench {
             ("pool", Job::Pool(2, Dir::Up)),
             ("pool", Job::Pool(4, Dir::Up)),
             ("pool", Job::Pool(8, Dir::Up)),
+            ("socks", Job::Socks),
             ("real", Job::Transfer("real", Dir::Up)),
             ("real", Job::Transfer("real", Dir::Down)),
             ("echo", Job::Echo(EchoKind::Loopback)),
