@@ -92,6 +92,8 @@ pub struct Pool {
     start_failures: AtomicU64,
     /// StartSession failures within one wait for a session after which it gives up.
     give_up_after: u64,
+    /// Shutting down: no session is started any more.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
@@ -113,6 +115,7 @@ impl Pool {
             changed: Notify::new(),
             start_failures: AtomicU64::new(0),
             give_up_after: u64::from(give_up_after.max(1)),
+            closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -133,7 +136,15 @@ impl Pool {
         }
     }
 
-    fn start_member(self: &Arc<Self>) -> Arc<Member> {
+    /// No more sessions: the process is ending (the sessions end on the same signal).
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    fn start_member(self: &Arc<Self>) -> Option<Arc<Member>> {
+        if self.closing.load(Ordering::Relaxed) {
+            return None;
+        }
         let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
         let (state_tx, state_rx) = watch::channel(State::Starting);
         let (refused, _) = broadcast::channel(16);
@@ -151,7 +162,7 @@ impl Pool {
         }
         let handoff = Handoff { conns: rx, refused };
         tokio::spawn(self.clone().run_member(handoff, state_tx));
-        m
+        Some(m)
     }
 
     async fn run_member(self: Arc<Self>, handoff: Handoff, state: watch::Sender<State>) {
@@ -257,6 +268,11 @@ impl Pool {
             if have == 0 {
                 replace = replace.max(1);
             }
+            // A StartSession that keeps failing is retried by the next connection, not
+            // every second.
+            if self.start_failures.load(Ordering::Relaxed) >= u64::from(MAX_START_FAILURES) {
+                replace = 0;
+            }
             for _ in 0..replace.min(self.size.saturating_sub(have)) {
                 self.start_member();
             }
@@ -286,6 +302,9 @@ impl Pool {
             let starting = open
                 .iter()
                 .any(|(m, _)| *m.state.borrow() == State::Starting);
+            if best.is_none() && self.closing.load(Ordering::Relaxed) {
+                return None;
+            }
             if let Some((m, _)) = &best {
                 let busy = m.load().0 > 0;
                 // While the pool starts, a connection waits for a starting session
@@ -456,7 +475,10 @@ pub async fn serve(pool: Arc<Pool>, listener: TcpListener, console: Console) -> 
             break None;
         }
         tokio::select! {
-            _ = &mut stop => return exit::OK,
+            _ = &mut stop => {
+                pool.close();
+                return exit::OK;
+            }
             _ = notified => {}
             _ = tokio::time::sleep(SWEEP) => {}
         }
@@ -485,6 +507,7 @@ pub async fn serve(pool: Arc<Pool>, listener: TcpListener, console: Console) -> 
         }
     }
     // Every session's mode saw the same signal and is ending its session.
+    pool.close();
     pool.wait_ended().await;
     exit::OK
 }

@@ -182,6 +182,9 @@ async fn serve(proxy: Arc<Proxy>, listen: SocketAddr, console: Console) -> Resul
         .lock()
         .map(|m| m.values().cloned().collect())
         .unwrap_or_default();
+    for d in &dests {
+        d.pool.close();
+    }
     for d in dests {
         d.pool.wait_ended().await;
     }
