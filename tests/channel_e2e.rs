@@ -297,6 +297,49 @@ async fn realistic_profile_both_ways_with_default_ack_policy_never_trips_the_cap
     );
 }
 
+/// The default acknowledgement policy never holds an ack back for the pacer: when the
+/// last byte of a 16 MiB download from an agent that does not pause has reached the local
+/// client, the agent has already received acks for (nearly) every message. With acks
+/// paced at 950/s (the old policy) only about a second's worth would have arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_keep_up_with_an_unpaused_download() {
+    const N: usize = 16 << 20;
+    let sim = start_sim().await;
+    let down = Arc::new(random_bytes(N, 53));
+    let (target, _results) = sink_source_server(0, down.clone()).await;
+    let req = StartSessionRequest::ssh(target.port);
+    let mut p = start_plugin(&sim, &req, Some(SimConfig::default()), &[], true);
+    let id = p.session_id.clone();
+    let (got, elapsed) = stream_both_ways(
+        &sim,
+        &mut p,
+        Arc::new(Vec::new()),
+        N,
+        Duration::from_secs(120),
+    )
+    .await;
+    let s = sim.stats(&id).unwrap();
+    assert!(got == *down, "download corrupted");
+    eprintln!(
+        "16 MiB down in {elapsed:?}: {} messages, {} acks received by then",
+        s.stream_messages_sent, s.acks_received
+    );
+    assert!(
+        s.stream_messages_sent >= (N / 1024) as u64,
+        "{} messages",
+        s.stream_messages_sent
+    );
+    // Only acks still on the wire may be missing.
+    assert!(
+        s.acks_received * 10 >= s.stream_messages_sent * 9,
+        "{} of {} messages acknowledged when the download was complete: acks were held back",
+        s.acks_received,
+        s.stream_messages_sent
+    );
+    let status = p.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "{}", p.dump());
+}
+
 /// Corrupted frames (bad digest, truncated, garbage, lying header length) and the quirky
 /// start_publication frames never reach the byte stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
