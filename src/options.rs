@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use ssm_wire::channel::ChannelConfig;
+use ssm_wire::channel::{AckPacing, ChannelConfig};
 
 use crate::stream_url::TrustedHosts;
 
@@ -24,6 +24,9 @@ pub struct Options {
     pub listen_address: IpAddr,
     /// `SSM_PLUGIN_PACKETS_PER_SECOND`: pacing budget (0 disables pacing).
     pub packets_per_second: Option<f64>,
+    /// `SSM_PLUGIN_ACK_PACING`: how acknowledgements use that budget (`charged`, the
+    /// default; `exempt`; `paced`). README, "Acknowledgement policy".
+    pub ack_pacing: AckPacing,
     /// `SSM_PLUGIN_PAYLOAD_SIZE`: bytes per stream message (default 1024).
     pub payload_size: usize,
     /// `SSM_PLUGIN_WINDOW_PACKETS`: stream messages in flight.
@@ -72,6 +75,7 @@ const BOOL: &str = "1, true, yes, on, 0, false, no, off";
 const ADDRESS: &str = "an IPv4 or IPv6 address, e.g. 127.0.0.1, 0.0.0.0, ::1 or [::1]";
 const PPS: &str = "0 to disable pacing, or 1 to 1000000 frames per second";
 const PAYLOAD: &str = "64 to 65536 bytes";
+const ACK_PACING: &str = "charged, exempt or paced";
 const WINDOW: &str =
     "1 to 100000 messages, and at most 64 MiB in flight (WINDOW_PACKETS × PAYLOAD_SIZE)";
 const RECONNECT: &str = "0 to 86400 seconds";
@@ -89,6 +93,7 @@ impl Default for Options {
             quiet: false,
             listen_address: IpAddr::from([127, 0, 0, 1]),
             packets_per_second: ch.packets_per_second,
+            ack_pacing: ch.ack_pacing,
             payload_size: ch.max_payload,
             window_packets: ch.window_packets,
             reconnect_timeout: Duration::from_secs(600),
@@ -216,6 +221,10 @@ impl Options {
             }
             o.packets_per_second = (pps > 0.0).then_some(pps);
         }
+        if let Some(v) = var("ACK_PACING") {
+            o.ack_pacing =
+                AckPacing::parse(&v.value).ok_or_else(|| v.not_a("a policy", ACK_PACING))?;
+        }
         if let Some(v) = var("PAYLOAD_SIZE") {
             o.payload_size = v.integer(64..=65536, PAYLOAD)?;
         }
@@ -265,6 +274,7 @@ impl Options {
         ChannelConfig {
             max_payload: self.payload_size,
             packets_per_second: self.packets_per_second,
+            ack_pacing: self.ack_pacing,
             window_packets: self.window_packets,
             window_bytes: self.window_packets.saturating_mul(self.payload_size),
             // Paced, a frame waiting for a token is all the queue needs: anything more is
@@ -360,6 +370,8 @@ mod tests {
             ("SSM_PLUGIN_PING_INTERVAL", "0"),
             ("SSM_PLUGIN_PING_INTERVAL", "0.5"),
             ("SSM_PLUGIN_TRUSTED_STREAM_HOSTS", "*"),
+            ("SSM_PLUGIN_ACK_PACING", "fast"),
+            ("SSM_PLUGIN_ACK_PACING", "1"),
         ] {
             let e = err(name, value);
             assert!(e.starts_with(&format!("{name}: ")), "{e}");
@@ -411,6 +423,24 @@ mod tests {
         assert_eq!(o.payload_size, 1024);
     }
 
+    #[test]
+    fn ack_pacing_policy() {
+        assert_eq!(parse(&[]).unwrap().ack_pacing, AckPacing::Charged);
+        for (v, want) in [
+            ("charged", AckPacing::Charged),
+            (" Exempt ", AckPacing::Exempt),
+            ("PACED", AckPacing::Paced),
+        ] {
+            let o = parse(&[("SSM_PLUGIN_ACK_PACING", v)]).unwrap();
+            assert_eq!(o.ack_pacing, want);
+            assert_eq!(o.channel_config(1).ack_pacing, want);
+        }
+        assert_eq!(
+            err("SSM_PLUGIN_ACK_PACING", "fast"),
+            format!("SSM_PLUGIN_ACK_PACING: \"fast\" is not a policy (allowed: {ACK_PACING})")
+        );
+    }
+
     mod properties {
         use super::*;
         use proptest::prelude::*;
@@ -425,6 +455,7 @@ mod tests {
             "FLUSH_TIMEOUT",
             "PING_INTERVAL",
             "TRUSTED_STREAM_HOSTS",
+            "ACK_PACING",
         ];
 
         /// Values near the interesting edges as well as arbitrary text.

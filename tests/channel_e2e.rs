@@ -103,7 +103,13 @@ async fn lossy_20mib_each_way_within_packet_budget() {
         &sim,
         &req,
         Some(cfg),
-        &[("SSM_PLUGIN_PACKETS_PER_SECOND", &BUDGET.to_string())],
+        &[
+            ("SSM_PLUGIN_PACKETS_PER_SECOND", &BUDGET.to_string()),
+            // The strict policy, every frame within the budget: this agent is not
+            // paused between chunks, so charged acks alone would exceed the budget
+            // (and this cap) when the download outruns it.
+            ("SSM_PLUGIN_ACK_PACING", "paced"),
+        ],
         true,
     );
     let id = p.session_id.clone();
@@ -157,8 +163,7 @@ async fn lossy_20mib_each_way_within_packet_budget() {
 
 /// A lost frame while the agent has more than the plugin's receive bound (4 MiB) in
 /// flight behind it: the retransmitted frame must still be accepted, or the reorder buffer
-/// can never drain. The real agent's window is 100 000 messages; the sim's default is
-/// 8 MiB.
+/// can never drain. The real agent's window is 100 000 messages, as is the sim's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_frame_behind_a_large_agent_window_is_recovered() {
     const N: usize = 12 << 20;
@@ -244,6 +249,95 @@ async fn default_budget_stays_under_gateway_cap() {
         .expect("sink result");
     assert_eq!(r.bytes, N as u64);
     assert_eq!(r.sha256, sha256(&up));
+}
+
+/// The realistic profile (20 ms each way, the gateway's 1000 client frames per sliding
+/// second, an agent that pauses 1 ms after each chunk it reads) with the default
+/// acknowledgement policy (charged: acks never wait for the pacer but use its budget):
+/// 2 MiB each way at the same time, the case where acks and data compete, and not one
+/// cap violation. Issue 15, item 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realistic_profile_both_ways_with_default_ack_policy_never_trips_the_cap() {
+    const N: usize = 2 << 20;
+    let sim = start_sim().await;
+    let up = Arc::new(random_bytes(N, 51));
+    let down = Arc::new(random_bytes(N, 52));
+    let (target, mut results) = sink_source_server(N as u64, down.clone()).await;
+    let cfg = SimConfig {
+        latency: Duration::from_millis(20),
+        pps_cap: Some(1000),
+        agent_chunk_delay: Duration::from_millis(1),
+        ..SimConfig::default()
+    };
+    let req = StartSessionRequest::ssh(target.port);
+    let mut p = start_plugin(&sim, &req, Some(cfg), &[], true);
+    let id = p.session_id.clone();
+    let (got, elapsed) =
+        stream_both_ways(&sim, &mut p, up.clone(), N, Duration::from_secs(120)).await;
+    assert!(got == *down, "download corrupted");
+    let r = tokio::time::timeout(Duration::from_secs(120), results.recv())
+        .await
+        .expect("upload complete at the target")
+        .expect("sink result");
+    assert_eq!(r.bytes, N as u64, "upload length");
+    assert_eq!(hex(&r.sha256), hex(&sha256(&up)), "upload sha256");
+    let status = p.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "{}", p.dump());
+    let s = sim.stats(&id).unwrap();
+    eprintln!(
+        "realistic, 2 MiB both ways: download in {elapsed:?}; client frames {} max {}/s, agent messages {} resent {}",
+        s.client_frames, s.max_client_frames_per_sec, s.stream_messages_sent, s.retransmissions
+    );
+    assert_eq!(s.pps_cap_violations, 0, "gateway cap exceeded");
+    assert_eq!(s.ws_connections, 1, "the gateway never closed the socket");
+    assert!(
+        s.max_client_frames_per_sec <= 1000,
+        "max {} client frames/s",
+        s.max_client_frames_per_sec
+    );
+}
+
+/// The default acknowledgement policy never holds an ack back for the pacer: when the
+/// last byte of a 16 MiB download from an agent that does not pause has reached the local
+/// client, the agent has already received acks for (nearly) every message. With acks
+/// paced at 950/s (the old policy) only about a second's worth would have arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_keep_up_with_an_unpaused_download() {
+    const N: usize = 16 << 20;
+    let sim = start_sim().await;
+    let down = Arc::new(random_bytes(N, 53));
+    let (target, _results) = sink_source_server(0, down.clone()).await;
+    let req = StartSessionRequest::ssh(target.port);
+    let mut p = start_plugin(&sim, &req, Some(SimConfig::default()), &[], true);
+    let id = p.session_id.clone();
+    let (got, elapsed) = stream_both_ways(
+        &sim,
+        &mut p,
+        Arc::new(Vec::new()),
+        N,
+        Duration::from_secs(120),
+    )
+    .await;
+    let s = sim.stats(&id).unwrap();
+    assert!(got == *down, "download corrupted");
+    eprintln!(
+        "16 MiB down in {elapsed:?}: {} messages, {} acks received by then",
+        s.stream_messages_sent, s.acks_received
+    );
+    assert!(
+        s.stream_messages_sent >= (N / 1024) as u64,
+        "{} messages",
+        s.stream_messages_sent
+    );
+    // Only acks still on the wire may be missing.
+    assert!(
+        s.acks_received * 10 >= s.stream_messages_sent * 9,
+        "{} of {} messages acknowledged when the download was complete: acks were held back",
+        s.acks_received,
+        s.stream_messages_sent
+    );
+    let status = p.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(status.code(), Some(0), "{}", p.dump());
 }
 
 /// Corrupted frames (bad digest, truncated, garbage, lying header length) and the quirky

@@ -13,6 +13,8 @@
 //! forward = ["5432:db.internal:5432", "6379:cache.internal:6379"]
 //! profile = "prod"       # optional, per tunnel
 //! region = "eu-west-1"   # optional, per tunnel
+//! sessions = 4           # optional: sessions per forward (README, "Several sessions")
+//! idle_timeout = 300     # optional: seconds before an idle extra session closes
 //! ```
 //!
 //! Unknown keys are errors. Every error names the file, the line and the field.
@@ -41,6 +43,10 @@ pub struct Tunnel {
     pub forward: Spanned<Vec<Spanned<String>>>,
     pub profile: Option<String>,
     pub region: Option<String>,
+    /// Sessions per forward (1 to 64).
+    pub sessions: Option<Spanned<usize>>,
+    /// Seconds an extra session may stay idle before it is closed.
+    pub idle_timeout: Option<u64>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -102,6 +108,15 @@ impl Config {
                     &format!("tunnels.{name}.forward"),
                     "needs at least one forward",
                 ));
+            }
+            if let Some(n) = &t.sessions {
+                if !(1..=forward::MAX_SESSIONS).contains(n.get_ref()) {
+                    return Err(cfg.error(
+                        n.span().start,
+                        &format!("tunnels.{name}.sessions"),
+                        &format!("must be 1 to {}", forward::MAX_SESSIONS),
+                    ));
+                }
             }
             for (i, f) in t.forward.get_ref().iter().enumerate() {
                 if let Err(e) = forward::parse_spec(f.get_ref()) {
@@ -178,7 +193,11 @@ pub fn tunnel_main(a: TunnelArgs) -> Result<u8, Failure> {
         .iter()
         .map(|f| f.get_ref().clone())
         .collect();
-    forward::run_forwards(&aws, t.target.get_ref(), &forwards)
+    let pool = forward::PoolArgs {
+        sessions: t.sessions.as_ref().map_or(1, |n| *n.get_ref()),
+        idle_timeout: t.idle_timeout.unwrap_or(forward::DEFAULT_IDLE_SECS),
+    };
+    forward::run_forwards(&aws, t.target.get_ref(), &forwards, pool)
 }
 
 #[cfg(test)]

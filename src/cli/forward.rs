@@ -6,9 +6,14 @@
 //! `Port N opened for sessionId …` line. Ctrl-C ends them all. The exit status is the
 //! highest of the sessions' statuses.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::join_all;
+use tokio::net::TcpListener;
+
+use super::pool::Pool;
 
 use super::aws_ops::{self, StartRequest};
 use super::{load_config, runtime, target, AwsArgs, Client, Failure};
@@ -31,7 +36,26 @@ pub struct Args {
     )]
     pub forwards: Vec<String>,
     #[command(flatten)]
+    pub pool: PoolArgs,
+    #[command(flatten)]
     pub aws: AwsArgs,
+}
+
+/// Most sessions one forward may pool.
+pub const MAX_SESSIONS: usize = 64;
+/// Seconds an extra pooled session may stay idle by default.
+pub const DEFAULT_IDLE_SECS: u64 = 300;
+
+/// Several sessions per forward (README, "Several sessions per tunnel").
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct PoolArgs {
+    /// Sessions per forward; each new local connection goes to the least-loaded one.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_SESSIONS as u64))]
+    pub sessions: usize,
+    /// Seconds an extra session (beyond the first) may carry nothing before it closes.
+    #[arg(long = "idle-timeout", value_name = "SECONDS", default_value_t = DEFAULT_IDLE_SECS)]
+    pub idle_timeout: u64,
 }
 
 /// One `-L`.
@@ -126,31 +150,66 @@ pub fn parse_spec(text: &str) -> Result<Spec, String> {
 }
 
 pub fn main(a: Args) -> Result<u8, Failure> {
-    run_forwards(&a.aws, &a.target, &a.forwards)
+    run_forwards(&a.aws, &a.target, &a.forwards, a.pool)
 }
 
 /// Resolves the target once, then runs every forward until all have ended.
-pub fn run_forwards(aws: &AwsArgs, target_name: &str, forwards: &[String]) -> Result<u8, Failure> {
+pub fn run_forwards(
+    aws: &AwsArgs,
+    target_name: &str,
+    forwards: &[String],
+    pool: PoolArgs,
+) -> Result<u8, Failure> {
     let specs = forwards
         .iter()
         .map(|f| parse_spec(f))
         .collect::<Result<Vec<_>, _>>()
         .map_err(Failure::usage)?;
     let cfg = load_config(aws)?;
-    let client = Client::new(aws, &cfg.defaults)?;
+    let client = Arc::new(Client::new(aws, &cfg.defaults)?);
     let rt = runtime()?;
     let id = target::resolve(&rt, &client.aws, target_name)?;
     let console = Console {
         quiet: client.options.quiet,
     };
-    let runs = specs.iter().map(|s| one(&client, &id, s, console));
+    let runs = specs.iter().map(|s| one(&client, &id, s, console, pool));
     let codes = rt.block_on(join_all(runs));
     rt.shutdown_background();
     Ok(codes.into_iter().max().unwrap_or(0))
 }
 
-async fn one(client: &Client, id: &str, spec: &Spec, console: Console) -> u8 {
+async fn one(client: &Arc<Client>, id: &str, spec: &Spec, console: Console, pool: PoolArgs) -> u8 {
     let req = spec.request(id.to_owned());
+    if pool.sessions > 1 {
+        let addr = SocketAddr::new(
+            spec.bind.unwrap_or(client.options.listen_address),
+            spec.local_port,
+        );
+        let listener = match TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                console.error(&format!(
+                    "session-manager-plugin: forward {}: listen tcp {addr}: {e}",
+                    spec.text
+                ));
+                return crate::exit::SESSION_FAILED;
+            }
+        };
+        let p = Pool::new(
+            client.clone(),
+            id.to_owned(),
+            req,
+            pool.sessions,
+            Duration::from_secs(pool.idle_timeout),
+            super::pool::MAX_START_FAILURES,
+        );
+        let code = super::pool::serve(p, listener, console).await;
+        console.error(&format!(
+            "session-manager-plugin: forward {} (a pool of {} sessions) ended with status {code}",
+            spec.text, pool.sessions
+        ));
+        return code;
+    }
     let resp = match aws_ops::start_session(&client.aws, &req).await {
         Ok(r) => r,
         Err(e) => {

@@ -1,6 +1,6 @@
 //! The standalone client: subcommands of the same binary that start sessions without the
-//! AWS CLI (`start-session`, `shell`, `run`, `forward`, `ssh-proxy`, `ssh-config`, `list`,
-//! `tunnel`, `open-tunnel`, `completions`).
+//! AWS CLI (`start-session`, `shell`, `run`, `forward`, `ssh-proxy`, `ssh-config`, `socks`,
+//! `list`, `tunnel`, `open-tunnel`, `completions`).
 //!
 //! `main` sends argv here only when argv[1] is one of [`SUBCOMMANDS`] or `--help`/`-h`;
 //! everything else (the AWS CLI's positional contract, `--version`, no arguments) takes the
@@ -15,9 +15,11 @@ mod eice;
 mod forward;
 mod list;
 mod params;
+mod pool;
 mod record;
 mod run;
 mod shell;
+mod socks;
 mod ssh;
 mod start_session;
 mod target;
@@ -41,6 +43,7 @@ pub const SUBCOMMANDS: &[&str] = &[
     "forward",
     "ssh-proxy",
     "ssh-config",
+    "socks",
     "list",
     "tunnel",
     "open-tunnel",
@@ -83,6 +86,9 @@ enum Command {
     SshProxy(ssh::ProxyArgs),
     /// Print a ~/.ssh/config block that uses `ssh-proxy`.
     SshConfig(ssh::ConfigArgs),
+    /// A SOCKS5 (and HTTP CONNECT) proxy into TARGET's network: one port-forwarding
+    /// session per destination, names resolved by TARGET.
+    Socks(socks::Args),
     /// List managed nodes: id, name, private IP, platform, ping status.
     List(list::Args),
     /// Run a tunnel defined in the config file ([tunnels.NAME]).
@@ -166,6 +172,7 @@ pub fn main(args: Vec<String>) -> u8 {
         Command::Forward(a) => forward::main(a),
         Command::SshProxy(a) => ssh::proxy_main(a),
         Command::SshConfig(a) => ssh::config_main(a),
+        Command::Socks(a) => socks::main(a),
         Command::List(a) => list::main(a),
         Command::Tunnel(a) => config::tunnel_main(a),
         Command::OpenTunnel(a) => eice::open_tunnel_main(a),
@@ -258,6 +265,32 @@ impl Client {
             console,
         };
         session::run(params, api::from_context(self.aws.clone())).await
+    }
+
+    /// [`Client::run_session`] with the session mode started by `modes` (the SOCKS
+    /// proxy hands its connections to a port session this way).
+    pub async fn run_session_with_modes(
+        &self,
+        resp: StartSessionResponse,
+        target: &str,
+        console: Console,
+        options: Options,
+        modes: session::ModeStarter,
+    ) -> u8 {
+        let params = session::SessionParams {
+            session_id: resp.session_id,
+            token: resp.token_value,
+            stream_url: resp.stream_url,
+            target: Some(target.to_owned()),
+            legacy_cli: false,
+            client_version: invocation::version(),
+            options,
+            tls: self.tls.clone(),
+            console,
+        };
+        let mut env = session::Env::real(&self.tls);
+        env.modes = modes;
+        session::run_with(params, api::from_context(self.aws.clone()), env).await
     }
 
     /// StartSession, then the session: the common path of most subcommands.

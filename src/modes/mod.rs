@@ -11,6 +11,8 @@
 
 mod local;
 pub mod port;
+
+pub use local::{BoxRead, BoxWrite};
 pub mod shell;
 pub mod stdio;
 

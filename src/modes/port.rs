@@ -41,23 +41,36 @@ enum Listener {
     Tcp(TcpListener),
     #[cfg(unix)]
     Unix(tokio::net::UnixListener, PathBuf),
+    /// Connections accepted by someone else (the SOCKS proxy) and handed over.
+    Handed(Handoff),
+}
+
+/// Local connections handed to a mux port session instead of a listener of its own, and
+/// where it says that the agent could not reach the destination (`ConnectToPortError`:
+/// the flag names no stream; every stream of the session goes to one destination).
+pub struct Handoff {
+    pub conns: mpsc::Receiver<(BoxRead, BoxWrite)>,
+    pub refused: tokio::sync::broadcast::Sender<()>,
 }
 
 impl Listener {
-    async fn accept(&self) -> std::io::Result<(BoxRead, BoxWrite)> {
+    /// The next connection; `Ok(None)` once a handed-over source has closed (nothing
+    /// more will come).
+    async fn accept(&mut self) -> std::io::Result<Option<(BoxRead, BoxWrite)>> {
         match self {
+            Listener::Handed(h) => Ok(h.conns.recv().await),
             Listener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
                 let _ = s.set_nodelay(true);
                 debug!("accepted {peer}");
                 let (r, w) = s.into_split();
-                Ok((Box::new(r), Box::new(w)))
+                Ok(Some((Box::new(r), Box::new(w))))
             }
             #[cfg(unix)]
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().await?;
                 let (r, w) = s.into_split();
-                Ok((Box::new(r), Box::new(w)))
+                Ok(Some((Box::new(r), Box::new(w))))
             }
         }
     }
@@ -137,6 +150,9 @@ enum Stop {
     Signal,
     /// The agent's smux stream broke; the session is being terminated.
     Failed,
+    /// Connections were handed over and their source closed with none left open (a pool
+    /// closing an idle session): end the session.
+    Drained,
 }
 
 /// SIGINT, SIGTSTP, SIGQUIT, SIGTERM and SIGHUP (Ctrl-C on Windows), handled from the
@@ -275,7 +291,7 @@ impl AcceptBackoff {
 /// and a writer task ([`Conn`]) that block only on their own socket, the session decides
 /// who reads, who sends next and when Output may come in, and the driver's up slot is
 /// reserved only while the session has something to send.
-pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
+pub async fn run_mux(ctx: ModeContext) -> ModeOutcome {
     let signals = TerminateSignals::new();
     let (listener, name) = match bind(&ctx).await {
         Ok(l) => l,
@@ -285,6 +301,21 @@ pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
         "{name} opened for sessionId {}.\nWaiting for connections...\n",
         ctx.session_id
     ));
+    mux_loop(ctx, listener, signals, true).await
+}
+
+/// [`run_mux`] over connections handed over by the caller, without status lines.
+pub async fn run_mux_handed(ctx: ModeContext, handoff: Handoff) -> ModeOutcome {
+    let signals = TerminateSignals::new();
+    mux_loop(ctx, Listener::Handed(handoff), signals, false).await
+}
+
+async fn mux_loop(
+    mut ctx: ModeContext,
+    mut listener: Listener,
+    signals: TerminateSignals,
+    announce: bool,
+) -> ModeOutcome {
     let config = port_config(&ctx);
     debug!("port session: {config:?}");
     let mut port = PortSession::new(config);
@@ -294,9 +325,14 @@ pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
     let mut accepted_any = false;
     let signal = signals.recv();
     tokio::pin!(signal);
+    let mut source_closed = false;
     let stop = loop {
         apply_events(&mut port, &mut conns);
-        let accepting = conns.len() < ctx.options.max_connections && !backoff.waiting();
+        if source_closed && conns.is_empty() {
+            break Stop::Drained;
+        }
+        let accepting =
+            !source_closed && conns.len() < ctx.options.max_connections && !backoff.waiting();
         tokio::select! {
             biased;
             _ = &mut signal => break Stop::Signal,
@@ -326,7 +362,11 @@ pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
                         }
                     }
                     Down::Flag(Flag::ConnectToPortError) => {
-                        ctx.console.status("\nConnection to destination port failed, check SSM Agent logs.\n");
+                        if let Listener::Handed(h) = &listener {
+                            let _ = h.refused.send(());
+                        } else {
+                            ctx.console.status("\nConnection to destination port failed, check SSM Agent logs.\n");
+                        }
                     }
                     Down::Flag(f) => debug!("flag {f:?} ignored"),
                     Down::StdErr(b) => warn!("agent StdErr in a port session: {}", String::from_utf8_lossy(&b)),
@@ -335,14 +375,18 @@ pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
             }
             accepted = listener.accept(), if accepting => {
                 let (r, w) = match accepted {
-                    Ok(c) => c,
+                    Ok(Some(c)) => c,
+                    Ok(None) => {
+                        source_closed = true;
+                        continue;
+                    }
                     Err(e) => {
                         backoff.failed(&e);
                         continue;
                     }
                 };
                 backoff.succeeded();
-                if !accepted_any {
+                if !accepted_any && announce {
                     accepted_any = true;
                     ctx.console.status(&format!(
                         "\nConnection accepted for session [{}]\n",
@@ -383,6 +427,11 @@ pub async fn run_mux(mut ctx: ModeContext) -> ModeOutcome {
                 failed: Some(exit::SESSION_FAILED),
                 ..ModeOutcome::default()
             }
+        }
+        Stop::Drained => {
+            info!("no connections and none to come: ending the session");
+            let _ = ctx.urgent.send(Up::Flag(Flag::TerminateSession)).await;
+            let _ = ctx.urgent.send(Up::Finish(exit::OK)).await;
         }
     }
     ModeOutcome::default()
@@ -440,7 +489,7 @@ fn on_local(port: &mut PortSession, ev: LocalEvent<ConnId>) {
 /// the loop never waits on the local socket or on the driver's queue.
 pub async fn run_basic(mut ctx: ModeContext) -> ModeOutcome {
     let signals = TerminateSignals::new();
-    let (listener, name) = match bind(&ctx).await {
+    let (mut listener, name) = match bind(&ctx).await {
         Ok(l) => l,
         Err(e) => return fail(&ctx, &e).await,
     };
@@ -500,7 +549,9 @@ pub async fn run_basic(mut ctx: ModeContext) -> ModeOutcome {
             },
             accepted = listener.accept(), if !basic.is_connected() && !backoff.waiting() => {
                 let (r, w) = match accepted {
-                    Ok(c) => c,
+                    Ok(Some(c)) => c,
+                    // Only a handed-over source ends, and basic mode never has one.
+                    Ok(None) => continue,
                     Err(e) => {
                         backoff.failed(&e);
                         continue;
@@ -524,7 +575,7 @@ pub async fn run_basic(mut ctx: ModeContext) -> ModeOutcome {
     drop(listener);
     match stop {
         Stop::Signal => on_signal(&ctx, use_flag).await,
-        Stop::Closed | Stop::Failed => {
+        Stop::Closed | Stop::Failed | Stop::Drained => {
             if let Some(writer) = conn.and_then(|(_, c)| c.finish()) {
                 tokio::select! {
                     _ = writer => {}

@@ -59,7 +59,10 @@ pub struct SimConfig {
     /// Agent send window in messages (the real agent's buffer holds 100 000).
     pub max_unacked_messages: usize,
     /// Agent send window in payload bytes. Reading from the pty/pipe/target stops while
-    /// either bound is reached.
+    /// either bound is reached. The real agent has no byte bound (its buffer is counted
+    /// in messages of at most 1 KiB), so the default is 100 000 KiB: a download longer
+    /// than that is bound by the message count, as with the real agent. (The default used to be 8
+    /// MiB, which let an 8 MiB download finish before its acks mattered.)
     pub max_unacked_bytes: usize,
     /// ResumeSession answers with a StreamUrl whose `cell-number` differs from the
     /// previous one, to exercise clients that switch to the returned URL.
@@ -112,7 +115,7 @@ impl Default for SimConfig {
             shell: vec!["/bin/sh".to_owned()],
             seed: 0x005e_ed0f_556d,
             max_unacked_messages: 100_000,
-            max_unacked_bytes: 8 << 20,
+            max_unacked_bytes: 100_000 << 10,
             resume_changes_cell: false,
             handshake_timeout: Duration::from_secs(15),
             close_drain_timeout: Duration::from_secs(10),

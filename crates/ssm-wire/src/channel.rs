@@ -16,9 +16,10 @@
 //! Fixes over the official implementation (PROTOCOL.md §10): every unacknowledged message
 //! has its own retransmission timer with exponential back-off and Karn's rule; duplicates
 //! are re-acknowledged; nothing unacknowledged is ever evicted (the window bounds the
-//! producer instead); every frame sent, acks included, passes one token bucket so the
-//! channel stays under the gateway's packets-per-second limit; `pause_publication` stops
-//! stream sending until the peer is heard from again.
+//! producer instead); stream messages pass a token bucket so the channel stays under the
+//! gateway's packets-per-second limit, and acknowledgements use that budget as
+//! [`AckPacing`] says (by default they are never delayed but are charged to it);
+//! `pause_publication` stops stream sending until the peer is heard from again.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashSet, VecDeque};
@@ -68,6 +69,50 @@ impl Role {
 /// (1.06 MiB/s against 187 MiB/s before, for an 8 MiB download on loopback).
 pub const MAX_QUEUED_ACKS: usize = 16_384;
 
+/// How acknowledgements use the pacing budget (README, "Acknowledgement policy").
+///
+/// One acknowledgement is owed per received stream message, so a policy that makes acks
+/// wait for pacer tokens caps a download at the pacing rate whatever the peer can send,
+/// and the official plugin does not pace its acks at all. Acks mirror the peer's stream
+/// messages, whose rate the agent (1 ms pause per chunk) and the gateway already bound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AckPacing {
+    /// Acks are written at once and each one is charged to the token bucket, which may
+    /// go into debt down to `-pacing_burst`; stream messages wait until the debt is
+    /// repaid. Frames of both kinds in any second stay within
+    /// `packets_per_second + 2 × pacing_burst` unless the acks alone exceed the budget
+    /// (then the peer's own rate bounds them).
+    #[default]
+    Charged,
+    /// Acks are written at once and cost nothing: only stream messages are paced (what
+    /// the official plugin does; the total is the budget plus the peer's rate).
+    Exempt,
+    /// Acks wait for a token like stream messages: every frame written stays within the
+    /// budget, and a download is capped at about the budget in frames per second.
+    Paced,
+}
+
+impl AckPacing {
+    /// The knob's spelling in `SSM_PLUGIN_ACK_PACING`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckPacing::Charged => "charged",
+            AckPacing::Exempt => "exempt",
+            AckPacing::Paced => "paced",
+        }
+    }
+
+    /// Parses `charged`, `exempt` or `paced` (case-insensitive).
+    pub fn parse(s: &str) -> Option<AckPacing> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "charged" => Some(AckPacing::Charged),
+            "exempt" => Some(AckPacing::Exempt),
+            "paced" => Some(AckPacing::Paced),
+            _ => None,
+        }
+    }
+}
+
 /// Tuning knobs. The defaults suit the real service; see the README for each.
 #[derive(Clone, Debug)]
 pub struct ChannelConfig {
@@ -81,10 +126,13 @@ pub struct ChannelConfig {
     /// queue in front of an interactive byte short when a bulk transfer saturates the
     /// packet budget; data waits in the local socket buffers instead.
     pub max_queued: usize,
-    /// Frames per second this end may write, acks included; `None` for no limit.
+    /// Frames per second this end may write (acks as `ack_pacing` says); `None` for no
+    /// limit.
     pub packets_per_second: Option<f64>,
-    /// Token-bucket depth of the pacer, in frames.
+    /// Token-bucket depth of the pacer, in frames (and the most debt acks may run up).
     pub pacing_burst: u32,
+    /// How acknowledgements use the pacing budget.
+    pub ack_pacing: AckPacing,
     /// Out-of-order messages buffered ahead of the next expected one.
     pub reorder_capacity: usize,
     /// Payload bytes the reorder buffer may hold ahead of a missing message; beyond it,
@@ -117,6 +165,7 @@ impl Default for ChannelConfig {
             max_queued: 8,
             packets_per_second: Some(950.0),
             pacing_burst: 16,
+            ack_pacing: AckPacing::Charged,
             reorder_capacity: 10_000,
             max_reorder_bytes: 8 * 1024 * 1024,
             max_undelivered_bytes: 1024 * 1024,
@@ -260,6 +309,16 @@ impl Pacer {
     fn take(&mut self) {
         if self.rate.is_some() {
             self.tokens -= 1.0;
+        }
+    }
+
+    /// Charges a frame sent without waiting for a token: the bucket may go into debt,
+    /// down to `-burst` (older debt is forgiven so stream data never starves for long
+    /// after a burst of acknowledgements).
+    fn charge(&mut self, now: Instant) {
+        self.refill(now);
+        if self.rate.is_some() {
+            self.tokens = (self.tokens - 1.0).max(-self.burst);
         }
     }
 
@@ -555,14 +614,23 @@ impl Channel {
 
     /// The next frame to write, if pacing and flow control allow one now.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
-        if !self.transport_up || !self.pacer.ready(now) {
+        if !self.transport_up {
             return None;
         }
-        if let Some((seq, ack)) = self.ack_queue.pop_front() {
+        if !self.ack_queue.is_empty() {
+            match self.config.ack_pacing {
+                AckPacing::Paced if !self.pacer.ready(now) => return None,
+                AckPacing::Paced => self.pacer.take(),
+                AckPacing::Charged => self.pacer.charge(now),
+                AckPacing::Exempt => {}
+            }
+            let (seq, ack) = self.ack_queue.pop_front()?;
             self.queued_acks.remove(&seq);
-            self.pacer.take();
             self.stats.acks_sent += 1;
             return Some(ack);
+        }
+        if !self.pacer.ready(now) {
+            return None;
         }
         if self.paused {
             return None;
@@ -596,9 +664,11 @@ impl Channel {
         None
     }
 
+    /// Whether a frame waits for a pacer token (acks that never wait do not count: the
+    /// driver writes them whenever it polls, and waits for room in its writer instead).
     fn has_pending_transmit(&self) -> bool {
         self.transport_up
-            && (!self.ack_queue.is_empty()
+            && ((!self.ack_queue.is_empty() && self.config.ack_pacing == AckPacing::Paced)
                 || (!self.paused
                     && (!self.retransmit_queue.is_empty()
                         || self.next_unsent < self.unacked.len())))

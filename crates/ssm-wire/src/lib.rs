@@ -23,5 +23,6 @@ pub mod payload;
 pub mod port;
 pub mod session;
 pub mod smux;
+pub mod socks;
 
 pub use frame::{ClientMessage, DecodeError, MessageType, PayloadType, ValidationError};

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ssm_wire::channel::{
-    Channel, ChannelConfig, ChannelEvent, ReceiveError, Role, MAX_QUEUED_ACKS,
+    AckPacing, Channel, ChannelConfig, ChannelEvent, ReceiveError, Role, MAX_QUEUED_ACKS,
 };
 use ssm_wire::frame::PayloadType;
 
@@ -19,6 +19,9 @@ fn a_flood_of_frames_cannot_grow_the_ack_queue() {
     let config = ChannelConfig {
         packets_per_second: Some(1.0),
         pacing_burst: 1,
+        // Only acks that wait for the pacer can queue up (the default policy writes
+        // them at once).
+        ack_pacing: AckPacing::Paced,
         ..ChannelConfig::default()
     };
     let mut client = Channel::new(Role::Client, config, start, 1);

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
-use ssm_wire::channel::{Channel, ChannelConfig, ChannelEvent, ReceiveError, Role, SendError};
+use ssm_wire::channel::{
+    AckPacing, Channel, ChannelConfig, ChannelEvent, ReceiveError, Role, SendError,
+};
 use ssm_wire::frame::{ClientMessage, MessageType, PayloadType};
 
 #[derive(Clone, Copy, Default)]
@@ -270,9 +272,12 @@ fn lossy_reordering_duplicating_link_delivers_every_byte() {
 
 #[test]
 fn pacing_never_exceeds_the_packet_budget() {
+    // The strict policy: acks wait for tokens too (the default charges them instead,
+    // tests/ack_pacing.rs).
     let config = ChannelConfig {
         packets_per_second: Some(500.0),
         pacing_burst: 10,
+        ack_pacing: AckPacing::Paced,
         ..Default::default()
     };
     let o = run(

@@ -59,12 +59,19 @@ const USAGE: &str = "usage: bench [--plugin PATH] [--vs PATH] [--runs N] [--size
   --runs N            repetitions of every figure (default 3; --quick: 1)
   --size-mib N        bytes per unconstrained transfer (default 64; --quick: 8)
   --paced-size-mib N  bytes per paced / realistic-profile transfer (default 8; --quick: 1)
+  --pool-size-mib N   bytes per transfer of the pool scenario (default 8; --quick: 1)
   --max-secs S        cap on any one transfer or echo series (default 60; --quick: 3)
   --echo-trips N      1-byte echo round trips on loopback (default 2000; --quick: 500)
   --load-secs S       how long echoes under a bulk upload are timed (default 15; --quick: 2)
   --agent-delay-ms N  realistic profile: agent pause per 1 KiB chunk read (default 1)
-  --only LIST         comma-separated scenarios: unc,paced,real,echo,echo-unpaced,
-                      echo-real,load,load-real,version (default: all)
+  --only LIST         comma-separated scenarios: unc,paced,long,real,echo,echo-unpaced,
+                      echo-real,load,load-real,version (default: all); long = --size-mib
+                      each way at default pacing from the unpaused agent, whose window
+                      (100 000 messages) binds, both plugins; pool = A's `forward
+                      --sessions N` (N = 1, 2, 4, 8) in the realistic profile, 8
+                      parallel transfers of --pool-size-mib each way; socks = A's
+                      SOCKS5 proxy: CONNECT set-up time and a 30-object page load
+                      against the same through one `forward` session
   --env-a K=V         extra environment for A (e.g. SSM_PLUGIN_WINDOW_PACKETS=1024);
   --env-b K=V         for B; applied after the scenario's own settings
   --tls               serve HTTPS/WSS (AWS_CA_BUNDLE and SSL_CERT_FILE point at the CA)
@@ -74,6 +81,9 @@ const USAGE: &str = "usage: bench [--plugin PATH] [--vs PATH] [--runs N] [--size
 const SCENARIOS: &[&str] = &[
     "unc",
     "paced",
+    "long",
+    "pool",
+    "socks",
     "real",
     "echo",
     "echo-unpaced",
@@ -92,6 +102,7 @@ struct Opts {
     runs: usize,
     size_mib: f64,
     paced_size_mib: f64,
+    pool_size_mib: f64,
     max_secs: f64,
     echo_trips: usize,
     real_echo_trips: usize,
@@ -122,6 +133,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         runs: if quick { 1 } else { 3 },
         size_mib: if quick { 8.0 } else { 64.0 },
         paced_size_mib: if quick { 1.0 } else { 8.0 },
+        pool_size_mib: if quick { 1.0 } else { 8.0 },
         max_secs: if quick { 3.0 } else { 60.0 },
         echo_trips: if quick { 500 } else { 2000 },
         real_echo_trips: if quick { 20 } else { 100 },
@@ -158,6 +170,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
             "--runs" => o.runs = num(&value(&mut it, flag)?, flag)?,
             "--size-mib" => o.size_mib = num(&value(&mut it, flag)?, flag)?,
             "--paced-size-mib" => o.paced_size_mib = num(&value(&mut it, flag)?, flag)?,
+            "--pool-size-mib" => o.pool_size_mib = num(&value(&mut it, flag)?, flag)?,
             "--max-secs" => o.max_secs = num(&value(&mut it, flag)?, flag)?,
             "--echo-trips" => o.echo_trips = num(&value(&mut it, flag)?, flag)?,
             "--load-secs" => o.load_secs = num(&value(&mut it, flag)?, flag)?,
@@ -638,6 +651,68 @@ async fn download(port: u16, size: u64, deadline: Instant) -> Result<Moved, Stri
     })
 }
 
+/// A SOCKS5 CONNECT (no authentication) to 127.0.0.1:`port` through the proxy on
+/// `proxy`; returns the stream once the proxy replied success.
+async fn socks_connect(proxy: u16, port: u16) -> Result<TcpStream, String> {
+    let mut s = connect_local(proxy).await?;
+    let mut req = vec![5u8, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1];
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req)
+        .await
+        .map_err(|e| format!("socks write: {e}"))?;
+    let mut rep = [0u8; 12];
+    s.read_exact(&mut rep)
+        .await
+        .map_err(|e| format!("socks reply: {e}"))?;
+    if rep[..2] != [5, 0] || rep[3] != 0 {
+        return Err(format!("socks refused: {rep:?}"));
+    }
+    Ok(s)
+}
+
+/// Reads one object of `size` bytes from a `D` request on `s`.
+async fn fetch_object(mut s: TcpStream, size: u64) -> Result<(), String> {
+    let mut req = vec![b'D'];
+    req.extend_from_slice(&size.to_be_bytes());
+    s.write_all(&req).await.map_err(|e| format!("write: {e}"))?;
+    let mut buf = vec![0u8; size as usize];
+    s.read_exact(&mut buf)
+        .await
+        .map_err(|e| format!("object read: {e}"))?;
+    Ok(())
+}
+
+async fn direct_object(port: u16, size: u64) -> Result<(), String> {
+    fetch_object(connect_local(port).await?, size).await
+}
+
+async fn socks_object(proxy: u16, port: u16, size: u64) -> Result<(), String> {
+    fetch_object(socks_connect(proxy, port).await?, size).await
+}
+
+/// `objects` fetches, `at_once` at a time; the wall time in milliseconds.
+async fn page_load<F, Fut>(
+    objects: usize,
+    _size: u64,
+    at_once: usize,
+    fetch: F,
+) -> Result<f64, String>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    use futures_util::stream::{self, StreamExt};
+    let t = Instant::now();
+    let results: Vec<Result<(), String>> = stream::iter((0..objects).map(|_| fetch()))
+        .buffer_unordered(at_once)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
 /// 1-byte echo round trips (after 3 untimed warm-up trips), in milliseconds.
 async fn echo(port: u16, trips: usize, deadline: Instant) -> Result<Vec<f64>, String> {
     let mut s = connect_local(port).await?;
@@ -872,6 +947,102 @@ const FIGURES: &[FigureDef] = &[
         Better::Higher,
     ),
     fig(
+        "long_up",
+        "upload, loopback, default pacing, --size-mib",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "long_down",
+        "download, loopback, default pacing, --size-mib",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool1_down",
+        "pool of 1, realistic, 8 parallel downloads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool1_up",
+        "pool of 1, realistic, 8 parallel uploads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool2_down",
+        "pool of 2, realistic, 8 parallel downloads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool2_up",
+        "pool of 2, realistic, 8 parallel uploads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool4_down",
+        "pool of 4, realistic, 8 parallel downloads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool4_up",
+        "pool of 4, realistic, 8 parallel uploads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool8_down",
+        "pool of 8, realistic, 8 parallel downloads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool8_up",
+        "pool of 8, realistic, 8 parallel uploads, aggregate",
+        "MiB/s",
+        Better::Higher,
+    ),
+    fig(
+        "pool_viol",
+        "  pool: cap violations, all sessions",
+        "count",
+        Better::Zero,
+    ),
+    fig(
+        "socks_first_ms",
+        "SOCKS5 CONNECT, first to a destination (session start)",
+        "ms",
+        Better::Lower,
+    ),
+    fig(
+        "socks_next_ms",
+        "SOCKS5 CONNECT, later ones, p50 of 20",
+        "ms",
+        Better::Lower,
+    ),
+    fig(
+        "page_fwd_ms",
+        "30-object page (32 KiB each, 6 at a time), forward, realistic",
+        "ms",
+        Better::Lower,
+    ),
+    fig(
+        "page_socks_ms",
+        "  same through the SOCKS5 proxy (1 session)",
+        "ms",
+        Better::Lower,
+    ),
+    fig(
+        "page_socks4_ms",
+        "  same through the SOCKS5 proxy, --sessions 4",
+        "ms",
+        Better::Lower,
+    ),
+    fig(
         "real_up",
         "upload, realistic profile",
         "MiB/s",
@@ -1099,6 +1270,10 @@ enum Dir {
 #[derive(Clone, Copy)]
 enum Job {
     Transfer(&'static str, Dir),
+    /// A's `forward --sessions N`, 8 parallel transfers.
+    Pool(usize, Dir),
+    /// A's SOCKS5 proxy against `forward`.
+    Socks,
     Echo(EchoKind),
     Load(bool),
 }
@@ -1168,7 +1343,7 @@ impl Bench {
 
     /// Runs `job` for every run and plugin, alternating A and B.
     async fn each_run(&mut self, scenario: &str, job: Job) {
-        let skip_official = matches!(job, Job::Transfer("paced", _));
+        let skip_official = matches!(job, Job::Transfer("paced", _) | Job::Pool(..) | Job::Socks);
         for run in 0..self.opts.runs {
             for who in 0..self.plugins.len() {
                 if skip_official && self.plugins[who].official {
@@ -1184,6 +1359,8 @@ impl Bench {
                     Job::Transfer(s, dir) => self.transfer(who, run, s, dir).await,
                     Job::Echo(kind) => self.echo_run(who, run, kind).await,
                     Job::Load(real) => self.load_run(who, run, real).await,
+                    Job::Pool(n, dir) => self.pool_run(who, run, n, dir).await,
+                    Job::Socks => self.socks_run(who, run).await,
                 };
                 if let Err(e) = r {
                     let msg = format!(
@@ -1208,6 +1385,7 @@ impl Bench {
         let (profile, env, size_mib) = match scenario {
             "unc" => (unconstrained(), NO_PACING, self.opts.size_mib),
             "paced" => (unconstrained(), &[][..], self.opts.paced_size_mib),
+            "long" => (unconstrained(), &[][..], self.opts.size_mib),
             _ => (
                 realistic(self.opts.agent_delay_ms),
                 &[][..],
@@ -1331,6 +1509,279 @@ impl Bench {
                 "pps_cap_violations": st.pps_cap_violations,
                 "websockets": st.ws_connections,
             },
+        }));
+        Ok(())
+    }
+
+    /// `forward --sessions n` against a simulator of its own in the realistic profile (the
+    /// standalone client calls StartSession itself, so the profile is the simulator's),
+    /// 8 parallel transfers of `--pool-size-mib`; the aggregate rate is all bytes over the
+    /// time until the last transfer ended.
+    async fn pool_run(&mut self, who: usize, run: usize, n: usize, dir: Dir) -> Result<(), String> {
+        const PARALLEL: usize = 8;
+        let plugin = self.plugins[who].clone();
+        let sim = Simulator::start(SimConfig {
+            tls: self.opts.tls,
+            ..realistic(self.opts.agent_delay_ms)
+        })
+        .await
+        .map_err(|e| format!("simulator: {e}"))?;
+        let target = Target::start().await.map_err(|e| format!("target: {e}"))?;
+        let env = Env {
+            home: self.env.home.clone(),
+            ca: sim.ca_pem_path(),
+        };
+        let lp = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+            l.local_addr().map_err(|e| e.to_string())?.port()
+        };
+        let mut cmd = base_command(&plugin.path, &env);
+        cmd.args(["forward", DEFAULT_TARGET, "-L"])
+            .arg(format!("{lp}:{}", target.port))
+            .args(["--sessions", &n.to_string()])
+            .env("AWS_ENDPOINT_URL_SSM", sim.endpoint_url())
+            .env("XDG_CONFIG_HOME", self.env.home.join("no-config"));
+        for (k, v) in &plugin.extra_env {
+            cmd.env(k, v);
+        }
+        let (mut proc, _) =
+            Proc::spawn(cmd).map_err(|e| format!("cannot run {}: {e}", plugin.path.display()))?;
+        proc.wait_line("Waiting for connections", STARTUP_TIMEOUT)
+            .await
+            .map_err(|e| format!("{e}\n{}", proc.output_tail()))?;
+        let size = (self.opts.pool_size_mib * MIB) as u64;
+        let deadline = self.deadline();
+        let start = Instant::now();
+        let moved = match dir {
+            Dir::Down => {
+                let jobs = (0..PARALLEL).map(|_| download(lp, size, deadline));
+                futures_util::future::join_all(jobs).await
+            }
+            Dir::Up => {
+                let base = target.sunk();
+                let mut writers = Vec::new();
+                for _ in 0..PARALLEL {
+                    writers.push(bulk_writer(lp, size).await?);
+                }
+                let mut rx = target.sunk.clone();
+                let total = size * PARALLEL as u64;
+                let done =
+                    tokio::time::timeout_at(deadline.into(), rx.wait_for(|c| *c - base >= total))
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                let secs = start.elapsed().as_secs_f64();
+                for w in writers {
+                    w.abort();
+                }
+                vec![Ok(Moved {
+                    bytes: target.sunk() - base,
+                    secs,
+                    capped: !done,
+                })]
+            }
+        };
+        let secs = start.elapsed().as_secs_f64();
+        let mut bytes = 0;
+        let mut capped = false;
+        for m in moved {
+            let m = m?;
+            bytes += m.bytes;
+            capped |= m.capped;
+        }
+        let secs = if dir == Dir::Up {
+            secs.min(self.opts.max_secs)
+        } else {
+            secs
+        };
+        let rate = bytes as f64 / MIB / secs;
+        let ids = sim.session_ids();
+        let viol: u32 = ids
+            .iter()
+            .filter_map(|id| sim.stats(id))
+            .map(|s| s.pps_cap_violations)
+            .sum();
+        let peak = ids
+            .iter()
+            .filter_map(|id| sim.stats(id))
+            .map(|s| s.max_client_frames_per_sec)
+            .max()
+            .unwrap_or(0);
+        let per: Vec<String> = ids
+            .iter()
+            .filter_map(|id| sim.stats(id))
+            .map(|s| {
+                format!(
+                    "{:.1}",
+                    (s.output_payload_bytes + s.input_payload_bytes) as f64 / MIB
+                )
+            })
+            .collect();
+        proc.state.signal(libc::SIGINT);
+        let _ = proc.wait_exit(Duration::from_secs(10)).await;
+        let d = if dir == Dir::Up { "up" } else { "down" };
+        let key = FIGURES
+            .iter()
+            .find(|f| f.key == format!("pool{n}_{d}"))
+            .map(|f| f.key)
+            .unwrap_or("");
+        self.res.add(key, who, rate);
+        self.res.add("pool_viol", who, f64::from(viol));
+        self.progress(&format!(
+            "pool {n} {d} run {} {}: {rate:.2} MiB/s aggregate ({:.1} MiB in {secs:.2} s{}), \
+             {} sessions, MiB per session {per:?}, peak client fps {peak}, violations {viol}",
+            run + 1,
+            plugin.label,
+            bytes as f64 / MIB,
+            if capped { ", capped" } else { "" },
+            ids.len(),
+        ));
+        self.res.records.push(json!({
+            "scenario": "pool", "sessions": n, "direction": d, "run": run + 1,
+            "plugin": plugin.label, "bytes": bytes, "secs": secs, "mib_per_s": rate,
+            "capped": capped, "sim_sessions": ids.len(), "pps_cap_violations": viol,
+            "max_client_frames_per_sec": peak,
+        }));
+        Ok(())
+    }
+
+    /// Spawns A's standalone client (`args`) against `sim`; returns it once it printed
+    /// `wait_for`.
+    async fn spawn_cli(
+        &self,
+        who: usize,
+        sim: &Simulator,
+        args: &[String],
+        wait_for: &str,
+    ) -> Result<Proc, String> {
+        let plugin = &self.plugins[who];
+        let env = Env {
+            home: self.env.home.clone(),
+            ca: sim.ca_pem_path(),
+        };
+        let mut cmd = base_command(&plugin.path, &env);
+        cmd.args(args)
+            .env("AWS_ENDPOINT_URL_SSM", sim.endpoint_url())
+            .env("XDG_CONFIG_HOME", self.env.home.join("no-config"));
+        for (k, v) in &plugin.extra_env {
+            cmd.env(k, v);
+        }
+        let (mut proc, _) =
+            Proc::spawn(cmd).map_err(|e| format!("cannot run {}: {e}", plugin.path.display()))?;
+        proc.wait_line(wait_for, STARTUP_TIMEOUT)
+            .await
+            .map_err(|e| format!("{e}\n{}", proc.output_tail()))?;
+        Ok(proc)
+    }
+
+    /// SOCKS5 CONNECT set-up times and a 30-object page load (6 connections at a time, a
+    /// fresh connection per object as HTTP/1.1 without keep-alive does) through A's
+    /// proxy, against the same through one `forward` session; realistic profile.
+    async fn socks_run(&mut self, who: usize, run: usize) -> Result<(), String> {
+        const OBJECTS: usize = 30;
+        const OBJECT: u64 = 32 * 1024;
+        const AT_ONCE: usize = 6;
+        let sim = Simulator::start(SimConfig {
+            tls: self.opts.tls,
+            ..realistic(self.opts.agent_delay_ms)
+        })
+        .await
+        .map_err(|e| format!("simulator: {e}"))?;
+        let target = Target::start().await.map_err(|e| format!("target: {e}"))?;
+        let free = || -> Result<u16, String> {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+            Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+        };
+        let s = |v: &[&str]| v.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+        // Page through one forward session.
+        let fp = free()?;
+        let mut fwd = self
+            .spawn_cli(
+                who,
+                &sim,
+                &s(&[
+                    "forward",
+                    DEFAULT_TARGET,
+                    "-L",
+                    &format!("{fp}:{}", target.port),
+                ]),
+                "Waiting for connections",
+            )
+            .await?;
+        let page_fwd = page_load(OBJECTS, OBJECT, AT_ONCE, || direct_object(fp, OBJECT)).await?;
+        fwd.state.signal(libc::SIGINT);
+        let _ = fwd.wait_exit(Duration::from_secs(10)).await;
+        let mut socks_figs = Vec::new();
+        for sessions in [1usize, 4] {
+            let sp = free()?;
+            let mut proxy = self
+                .spawn_cli(
+                    who,
+                    &sim,
+                    &s(&[
+                        "socks",
+                        DEFAULT_TARGET,
+                        "--listen",
+                        &format!("127.0.0.1:{sp}"),
+                        "--sessions",
+                        &sessions.to_string(),
+                    ]),
+                    "Waiting for connections",
+                )
+                .await?;
+            let tp = target.port;
+            if sessions == 1 {
+                // The first CONNECT starts the destination's session.
+                let t = Instant::now();
+                let c = socks_connect(sp, tp).await?;
+                let first = t.elapsed().as_secs_f64() * 1e3;
+                drop(c);
+                let mut next = Vec::new();
+                for _ in 0..20 {
+                    let t = Instant::now();
+                    let c = socks_connect(sp, tp).await?;
+                    next.push(t.elapsed().as_secs_f64() * 1e3);
+                    drop(c);
+                }
+                let next = percentile(&sorted(next), 50.0);
+                self.res.add("socks_first_ms", who, first);
+                self.res.add("socks_next_ms", who, next);
+                socks_figs.push(format!(
+                    "first CONNECT {first:.1} ms, later p50 {next:.2} ms"
+                ));
+            } else {
+                // Start the pool and let it settle before timing the page.
+                drop(socks_connect(sp, tp).await?);
+            }
+            let page = page_load(OBJECTS, OBJECT, AT_ONCE, || socks_object(sp, tp, OBJECT)).await?;
+            self.res.add(
+                if sessions == 1 {
+                    "page_socks_ms"
+                } else {
+                    "page_socks4_ms"
+                },
+                who,
+                page,
+            );
+            socks_figs.push(format!("page via SOCKS ({sessions} sessions) {page:.0} ms"));
+            proxy.state.signal(libc::SIGINT);
+            let _ = proxy.wait_exit(Duration::from_secs(10)).await;
+        }
+        self.res.add("page_fwd_ms", who, page_fwd);
+        let viol: u32 = sim
+            .session_ids()
+            .iter()
+            .filter_map(|id| sim.stats(id))
+            .map(|s| s.pps_cap_violations)
+            .sum();
+        self.progress(&format!(
+            "socks run {} {}: page via forward {page_fwd:.0} ms; {}; violations {viol}",
+            run + 1,
+            self.plugins[who].label,
+            socks_figs.join("; ")
+        ));
+        self.res.records.push(json!({
+            "scenario": "socks", "run": run + 1, "plugin": self.plugins[who].label,
+            "page_forward_ms": page_fwd, "details": socks_figs, "pps_cap_violations": viol,
         }));
         Ok(())
     }
@@ -1511,6 +1962,17 @@ impl Bench {
             ("unc", Job::Transfer("unc", Dir::Down)),
             ("paced", Job::Transfer("paced", Dir::Up)),
             ("paced", Job::Transfer("paced", Dir::Down)),
+            ("long", Job::Transfer("long", Dir::Up)),
+            ("long", Job::Transfer("long", Dir::Down)),
+            ("pool", Job::Pool(1, Dir::Down)),
+            ("pool", Job::Pool(2, Dir::Down)),
+            ("pool", Job::Pool(4, Dir::Down)),
+            ("pool", Job::Pool(8, Dir::Down)),
+            ("pool", Job::Pool(1, Dir::Up)),
+            ("pool", Job::Pool(2, Dir::Up)),
+            ("pool", Job::Pool(4, Dir::Up)),
+            ("pool", Job::Pool(8, Dir::Up)),
+            ("socks", Job::Socks),
             ("real", Job::Transfer("real", Dir::Up)),
             ("real", Job::Transfer("real", Dir::Down)),
             ("echo", Job::Echo(EchoKind::Loopback)),
