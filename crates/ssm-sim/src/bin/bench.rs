@@ -65,7 +65,8 @@ const USAGE: &str = "usage: bench [--plugin PATH] [--vs PATH] [--runs N] [--size
   --load-secs S       how long echoes under a bulk upload are timed (default 15; --quick: 2)
   --agent-delay-ms N  realistic profile: agent pause per 1 KiB chunk read (default 1)
   --only LIST         comma-separated scenarios: unc,paced,long,real,echo,echo-unpaced,
-                      echo-real,load,load-real,version (default: all); long = --size-mib
+                      echo-typing,echo-real,load,load-real,version (default: all);
+                      echo-typing = 100 one-byte trips, one every 50 ms, default pacing; long = --size-mib
                       each way at default pacing from the unpaused agent, whose window
                       (100 000 messages) binds, both plugins; pool = A's `forward
                       --sessions N` (N = 1, 2, 4, 8) in the realistic profile, 8
@@ -87,6 +88,7 @@ const SCENARIOS: &[&str] = &[
     "real",
     "echo",
     "echo-unpaced",
+    "echo-typing",
     "echo-real",
     "load",
     "load-real",
@@ -105,6 +107,8 @@ struct Opts {
     pool_size_mib: f64,
     max_secs: f64,
     echo_trips: usize,
+    /// Keystrokes of the `echo-typing` scenario.
+    typing_trips: usize,
     real_echo_trips: usize,
     load_secs: f64,
     load_trips: usize,
@@ -136,6 +140,7 @@ fn parse_args(args: &[String]) -> Result<Opts, String> {
         pool_size_mib: if quick { 1.0 } else { 8.0 },
         max_secs: if quick { 3.0 } else { 60.0 },
         echo_trips: if quick { 500 } else { 2000 },
+        typing_trips: if quick { 20 } else { 100 },
         real_echo_trips: if quick { 20 } else { 100 },
         load_secs: if quick { 2.0 } else { 15.0 },
         load_trips: if quick { 200 } else { 500 },
@@ -715,11 +720,24 @@ where
 
 /// 1-byte echo round trips (after 3 untimed warm-up trips), in milliseconds.
 async fn echo(port: u16, trips: usize, deadline: Instant) -> Result<Vec<f64>, String> {
+    echo_with_gap(port, trips, deadline, Duration::ZERO).await
+}
+
+/// [`echo`] with `gap` of idle time before each trip (not counted in its RTT).
+async fn echo_with_gap(
+    port: u16,
+    trips: usize,
+    deadline: Instant,
+    gap: Duration,
+) -> Result<Vec<f64>, String> {
     let mut s = connect_local(port).await?;
     s.write_all(b"E").await.map_err(|e| format!("write: {e}"))?;
     let mut rtts = Vec::with_capacity(trips);
     let mut b = [0u8; 1];
     for i in 0..trips + 3 {
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
         let t = Instant::now();
         let trip = async {
             s.write_all(b"x").await?;
@@ -1081,6 +1099,18 @@ const FIGURES: &[FigureDef] = &[
     fig("echo_p50", "echo RTT, loopback, p50", "ms", Better::Lower),
     fig("echo_p99", "echo RTT, loopback, p99", "ms", Better::Lower),
     fig(
+        "echo_typing_p50",
+        "echo RTT, loopback, typing pace (1 byte / 50 ms), p50",
+        "ms",
+        Better::Lower,
+    ),
+    fig(
+        "echo_typing_p99",
+        "echo RTT, loopback, typing pace (1 byte / 50 ms), p99",
+        "ms",
+        Better::Lower,
+    ),
+    fig(
         "echo_np_p50",
         "echo RTT, loopback, A unpaced, p50",
         "ms",
@@ -1285,7 +1315,12 @@ enum EchoKind {
     Loopback,
     Unpaced,
     Realistic,
+    /// One byte every [`TYPING_GAP`] at default pacing: what a person typing feels.
+    Typing,
 }
+
+/// The pause between keystrokes of the `echo-typing` scenario (a fast typist).
+const TYPING_GAP: Duration = Duration::from_millis(50);
 
 fn unconstrained() -> SimConfig {
     SimConfig {
@@ -1797,6 +1832,12 @@ impl Bench {
             ),
             EchoKind::Unpaced => (unconstrained(), self.opts.echo_trips, "echo_np", NO_PACING),
             EchoKind::Loopback => (unconstrained(), self.opts.echo_trips, "echo", &[][..]),
+            EchoKind::Typing => (
+                unconstrained(),
+                self.opts.typing_trips,
+                "echo_typing",
+                &[][..],
+            ),
         };
         let plugin = self.plugins[who].clone();
         let target = Target::start().await.map_err(|e| format!("target: {e}"))?;
@@ -1804,7 +1845,14 @@ impl Bench {
         if kind == EchoKind::Loopback {
             self.res.add("startup", who, sess.startup_ms);
         }
-        let r = echo(sess.port, trips, self.deadline()).await;
+        let gap = if kind == EchoKind::Typing {
+            TYPING_GAP
+        } else {
+            Duration::ZERO
+        };
+        // The gaps are idle time: the series gets them on top of --max-secs.
+        let deadline = self.deadline() + gap * (trips as u32 + 3);
+        let r = echo_with_gap(sess.port, trips, deadline, gap).await;
         let exit = self.finish(sess).await;
         let rtts = sorted(r?);
         let minus = sim_rtt_ms(&profile, realistic_profile);
@@ -1823,6 +1871,7 @@ impl Bench {
             EchoKind::Loopback => ("echo_p50", "echo_p99"),
             EchoKind::Unpaced => ("echo_np_p50", "echo_np_p99"),
             EchoKind::Realistic => ("echo_real_p50", "echo_real_p99"),
+            EchoKind::Typing => ("echo_typing_p50", "echo_typing_p99"),
         };
         self.res.add(k50, who, p50);
         self.res.add(k99, who, p99);
@@ -1977,6 +2026,7 @@ impl Bench {
             ("real", Job::Transfer("real", Dir::Down)),
             ("echo", Job::Echo(EchoKind::Loopback)),
             ("echo-unpaced", Job::Echo(EchoKind::Unpaced)),
+            ("echo-typing", Job::Echo(EchoKind::Typing)),
             ("echo-real", Job::Echo(EchoKind::Realistic)),
             ("load", Job::Load(false)),
             ("load-real", Job::Load(true)),
@@ -2190,9 +2240,10 @@ fn method_notes(opts: &Opts, plugins: &[PluginSpec], res: &Results, load_start: 
         if opts.tls { "wss (TLS)" } else { "plain ws" }
     ));
     line(format!(
-        "'no pacing': A with SSM_PLUGIN_PACKETS_PER_SECOND=0 (our default paces every frame, \
-         acks included, at 950 packets/s to stay under the gateway's ~1000/s cap); transfers \
-         of {} MiB each way.",
+        "'no pacing': A with SSM_PLUGIN_PACKETS_PER_SECOND=0 (our default paces stream frames \
+         at 950 packets/s, acks charged to the same budget, to stay under the gateway's \
+         ~1000/s cap); transfers of {} MiB each way. 'typing pace': one byte every 50 ms, \
+         the idle gaps not counted.",
         opts.size_mib
     ));
     line(format!(
