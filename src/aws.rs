@@ -875,17 +875,10 @@ fn is_presigned(url: &str) -> bool {
     })
 }
 
-/// `application/x-www-form-urlencoded` value encoding (RFC 3986 unreserved kept).
+/// `application/x-www-form-urlencoded` value encoding: RFC 3986 unreserved characters
+/// kept, the same encoding as a presigned URL's query values.
 fn form_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    ssm_wire::eice::query_encode(s)
 }
 
 fn percent_decode(s: &str) -> String {

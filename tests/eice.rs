@@ -725,6 +725,25 @@ async fn through_an_http_connect_proxy() {
     proxy_task.abort();
 }
 
+/// Runs `open-tunnel` in stdio mode: `word` and a newline go through the tunnel to the
+/// echo server and back on stdout, then stdin's EOF ends the process with status 0.
+async fn stdio_round_trip(cmd: Command, word: &str) {
+    let mut run = spawn(cmd);
+    let mut stdin = run.child.stdin.take().expect("stdin");
+    let line = format!("{word}\n");
+    stdin.write_all(line.as_bytes()).await.expect("write");
+    run.stdout
+        .wait_for(&line, STEP)
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}", run.stderr.text()));
+    drop(stdin);
+    let status = tokio::time::timeout(STEP, run.child.wait())
+        .await
+        .expect("exit")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "{}", run.stderr.text());
+}
+
 /// With `AWS_USE_FIPS_ENDPOINT=true` the endpoint's `FipsDnsName` is used (the simulator's
 /// is `localhost:PORT`), and the instance is found by its private DNS name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -737,19 +756,7 @@ async fn fips_uses_the_fips_dns_name() {
     let mut cmd = plugin(&sim, home.path(), &["open-tunnel", "--instance-id", &dns]);
     cmd.env("AWS_USE_FIPS_ENDPOINT", "true")
         .stdin(std::process::Stdio::piped());
-    let mut run = spawn(cmd);
-    let mut stdin = run.child.stdin.take().expect("stdin");
-    stdin.write_all(b"fips\n").await.expect("write");
-    run.stdout
-        .wait_for("fips\n", STEP)
-        .await
-        .unwrap_or_else(|e| panic!("{e}: {}", run.stderr.text()));
-    drop(stdin);
-    let status = tokio::time::timeout(STEP, run.child.wait())
-        .await
-        .expect("exit")
-        .expect("wait");
-    assert_eq!(status.code(), Some(0), "{}", run.stderr.text());
+    stdio_round_trip(cmd, "fips").await;
     let t = sim.eice_tunnels();
     assert_eq!(
         t[0].host,
@@ -783,18 +790,6 @@ async fn no_discovery_with_ip_id_and_dns_name() {
     );
     cmd.env("AWS_ENDPOINT_URL_EC2", "http://127.0.0.1:9")
         .stdin(std::process::Stdio::piped());
-    let mut run = spawn(cmd);
-    let mut stdin = run.child.stdin.take().expect("stdin");
-    stdin.write_all(b"direct\n").await.expect("write");
-    run.stdout
-        .wait_for("direct\n", STEP)
-        .await
-        .unwrap_or_else(|e| panic!("{e}: {}", run.stderr.text()));
-    drop(stdin);
-    let status = tokio::time::timeout(STEP, run.child.wait())
-        .await
-        .expect("exit")
-        .expect("wait");
-    assert_eq!(status.code(), Some(0), "{}", run.stderr.text());
+    stdio_round_trip(cmd, "direct").await;
     assert_eq!(sim.eice_tunnels().len(), 1);
 }

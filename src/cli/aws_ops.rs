@@ -171,10 +171,27 @@ pub async fn describe_instances(
     aws: &AwsContext,
     filters: &[(&str, Vec<String>)],
 ) -> Result<Vec<Ec2Instance>, AwsError> {
-    const OP: &str = "DescribeInstances";
+    ec2_pages(aws, "DescribeInstances", filters, parse_describe_instances).await
+}
+
+/// One page of an EC2 listing: its items and the NextToken, or why its XML is unusable.
+type Ec2Page<T> = Result<(Vec<T>, Option<String>), String>;
+
+/// The most pages one EC2 listing call follows (a runaway NextToken loop ends there).
+const MAX_EC2_PAGES: usize = 200;
+
+/// One EC2 query-protocol listing `op` with `filters` (`Filter.N.Name` /
+/// `Filter.N.Value.M`), following NextToken; `parse` turns a page's XML into its items
+/// and the next token.
+async fn ec2_pages<T>(
+    aws: &AwsContext,
+    op: &'static str,
+    filters: &[(&str, Vec<String>)],
+    parse: fn(&str) -> Ec2Page<T>,
+) -> Result<Vec<T>, AwsError> {
     let mut out = Vec::new();
     let mut next: Option<String> = None;
-    for _ in 0..200 {
+    for _ in 0..MAX_EC2_PAGES {
         let mut params = Vec::new();
         for (i, (name, values)) in filters.iter().enumerate() {
             params.push((format!("Filter.{}.Name", i + 1), (*name).to_owned()));
@@ -185,8 +202,8 @@ pub async fn describe_instances(
         if let Some(t) = &next {
             params.push(("NextToken".to_owned(), t.clone()));
         }
-        let xml = aws.call_ec2(OP, &params).await?;
-        let (page, token) = parse_describe_instances(&xml).map_err(|e| invalid(OP, e))?;
+        let xml = aws.call_ec2(op, &params).await?;
+        let (page, token) = parse(&xml).map_err(|e| invalid(op, e))?;
         out.extend(page);
         next = token;
         if next.is_none() {
@@ -197,7 +214,7 @@ pub async fn describe_instances(
 }
 
 /// The instances and the NextToken of one DescribeInstances response.
-fn parse_describe_instances(xml: &str) -> Result<(Vec<Ec2Instance>, Option<String>), String> {
+fn parse_describe_instances(xml: &str) -> Ec2Page<Ec2Instance> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| format!("invalid XML: {e}"))?;
     let root = doc.root_element();
     if root.tag_name().name() != "DescribeInstancesResponse" {
@@ -284,32 +301,16 @@ pub async fn describe_instance_connect_endpoints(
     aws: &AwsContext,
     filters: &[(&str, Vec<String>)],
 ) -> Result<Vec<ConnectEndpoint>, AwsError> {
-    const OP: &str = "DescribeInstanceConnectEndpoints";
-    let mut out = Vec::new();
-    let mut next: Option<String> = None;
-    for _ in 0..50 {
-        let mut params = Vec::new();
-        for (i, (name, values)) in filters.iter().enumerate() {
-            params.push((format!("Filter.{}.Name", i + 1), (*name).to_owned()));
-            for (j, v) in values.iter().enumerate() {
-                params.push((format!("Filter.{}.Value.{}", i + 1, j + 1), v.clone()));
-            }
-        }
-        if let Some(t) = &next {
-            params.push(("NextToken".to_owned(), t.clone()));
-        }
-        let xml = aws.call_ec2(OP, &params).await?;
-        let (page, token) = parse_connect_endpoints(&xml).map_err(|e| invalid(OP, e))?;
-        out.extend(page);
-        next = token;
-        if next.is_none() {
-            break;
-        }
-    }
-    Ok(out)
+    ec2_pages(
+        aws,
+        "DescribeInstanceConnectEndpoints",
+        filters,
+        parse_connect_endpoints,
+    )
+    .await
 }
 
-fn parse_connect_endpoints(xml: &str) -> Result<(Vec<ConnectEndpoint>, Option<String>), String> {
+fn parse_connect_endpoints(xml: &str) -> Ec2Page<ConnectEndpoint> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| format!("invalid XML: {e}"))?;
     let root = doc.root_element();
     if root.tag_name().name() != "DescribeInstanceConnectEndpointsResponse" {

@@ -245,15 +245,15 @@ impl Client {
         })
     }
 
-    /// Runs one session to its end; returns its exit status.
-    pub async fn run_session(
+    /// The session parameters of a StartSession response this client obtained.
+    fn session_params(
         &self,
         resp: StartSessionResponse,
         target: &str,
         console: Console,
         options: Options,
-    ) -> u8 {
-        let params = session::SessionParams {
+    ) -> session::SessionParams {
+        session::SessionParams {
             session_id: resp.session_id,
             token: resp.token_value,
             stream_url: resp.stream_url,
@@ -263,7 +263,18 @@ impl Client {
             options,
             tls: self.tls.clone(),
             console,
-        };
+        }
+    }
+
+    /// Runs one session to its end; returns its exit status.
+    pub async fn run_session(
+        &self,
+        resp: StartSessionResponse,
+        target: &str,
+        console: Console,
+        options: Options,
+    ) -> u8 {
+        let params = self.session_params(resp, target, console, options);
         session::run(params, api::from_context(self.aws.clone())).await
     }
 
@@ -277,17 +288,7 @@ impl Client {
         options: Options,
         modes: session::ModeStarter,
     ) -> u8 {
-        let params = session::SessionParams {
-            session_id: resp.session_id,
-            token: resp.token_value,
-            stream_url: resp.stream_url,
-            target: Some(target.to_owned()),
-            legacy_cli: false,
-            client_version: invocation::version(),
-            options,
-            tls: self.tls.clone(),
-            console,
-        };
+        let params = self.session_params(resp, target, console, options);
         let mut env = session::Env::real(&self.tls);
         env.modes = modes;
         session::run_with(params, api::from_context(self.aws.clone()), env).await
